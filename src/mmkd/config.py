@@ -1,0 +1,301 @@
+"""The YAML run config: pydantic models with bounds, descriptions and no unknown keys.
+
+Example:
+    >>> from mmkd.config import load_config
+    >>> config = load_config("configs/avdigits.yaml")  # doctest: +SKIP
+    >>> config.teacher.fusion.name
+    'attention'
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmkd.errors import ConfigError, PluginError
+
+MODALITIES = ("image", "audio")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AudioConfig(_Strict):
+    """Audio decoding and the log-mel front end's parameters."""
+
+    sample_rate_hz: int = Field(8000, ge=1000, le=96000, description="Expected sample rate of every recording.")
+    max_seconds: float = Field(
+        1.35, gt=0, le=60, description="Recordings are zero-padded or centre-cropped to this length."
+    )
+    n_fft: int = Field(256, ge=16, le=8192, description="FFT window length in samples.")
+    hop_length: int = Field(128, ge=1, le=8192, description="Samples between successive frames.")
+    n_mels: int = Field(40, ge=4, le=256, description="Mel bands of the spectrogram.")
+
+    @property
+    def num_samples(self) -> int:
+        return int(round(self.max_seconds * self.sample_rate_hz))
+
+
+class ImageConfig(_Strict):
+    """Image decoding parameters: images are converted to greyscale or RGB and resized."""
+
+    size: int = Field(28, ge=8, le=1024, description="Images are resized to size x size pixels.")
+    channels: Literal[1, 3] = Field(1, description="1 for greyscale, 3 for RGB.")
+    mean: float = Field(0.1307, description="Mean subtracted after scaling pixels to [0, 1].")
+    std: float = Field(0.3081, gt=0, description="Standard deviation divided by after the mean.")
+
+
+class DataConfig(_Strict):
+    """Where the manifest is and how its rows are turned into tensors."""
+
+    manifest: Path = Field(description="CSV, JSONL or Parquet manifest; relative to the config file.")
+    modalities: list[Literal["image", "audio"]] = Field(
+        default_factory=lambda: list(MODALITIES), min_length=1, description="Modalities the models read."
+    )
+    classes: list[str] | None = Field(
+        None, description="Class labels in output order; by default the sorted labels of the manifest."
+    )
+    split_fractions: dict[Literal["train", "val", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15},
+        description="Used only when the manifest has no split column.",
+    )
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (for smoke runs).")
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+
+
+class EncoderConfig(_Strict):
+    """A ResNet-style convolutional encoder for one modality."""
+
+    width: int = Field(16, ge=2, le=512, description="Channels of the first stage; each later stage doubles it.")
+    blocks: list[int] = Field(
+        default_factory=lambda: [2, 2, 2], min_length=1, max_length=6, description="Residual blocks per stage."
+    )
+
+    @field_validator("blocks")
+    @classmethod
+    def _positive_blocks(cls, blocks: list[int]) -> list[int]:
+        if any(b < 1 or b > 16 for b in blocks):
+            raise ValueError(f"every stage needs 1 to 16 blocks, got {blocks}")
+        return blocks
+
+
+class PluginChoice(_Strict):
+    """A plugin named from the registry and its parameters."""
+
+    name: str = Field(description="Registered plugin name, see `mmkd plugins list`.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The plugin's own parameters.")
+
+
+class LossTerm(PluginChoice):
+    """One named term of the distillation objective."""
+
+    weight: float = Field(1.0, ge=0, le=1000, description="Weight of this term in the sum.")
+
+
+class TrainConfig(_Strict):
+    """Optimiser and schedule for one training stage."""
+
+    epochs: int = Field(10, ge=1, le=10000, description="Maximum epochs.")
+    batch_size: int = Field(64, ge=1, le=65536)
+    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate of AdamW (one-cycle schedule).")
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    patience: int = Field(4, ge=1, le=10000, description="Stop after this many epochs without a better validation accuracy.")
+
+
+class ModelConfig(_Strict):
+    """A multimodal classifier: one encoder per modality, a fusion plugin and a linear head."""
+
+    image_encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    audio_encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    embed_dim: int = Field(64, ge=2, le=4096, description="Width of each modality embedding.")
+    fusion: PluginChoice = Field(default_factory=lambda: PluginChoice(name="concat"))
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head.")
+
+
+class TeacherConfig(ModelConfig):
+    """The teacher: trained here unless `checkpoint` names one trained before."""
+
+    checkpoint: Path | None = Field(None, description="A teacher.pt from an earlier run; skips teacher training.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-3))
+
+
+class StudentConfig(ModelConfig):
+    """The small student; the baseline student has the same architecture."""
+
+
+class DistillConfig(_Strict):
+    """Distillation of the student against stored teacher outputs."""
+
+    losses: list[LossTerm] = Field(
+        default_factory=lambda: [
+            LossTerm(name="hinton", weight=1.0, params={"temperature": 4.0, "alpha": 0.9}),
+            LossTerm(name="mse", weight=0.5),
+        ],
+        min_length=1,
+        description="The objective: the weighted sum of these named loss terms.",
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, patience=6))
+
+
+class FinetuneConfig(_Strict):
+    """Supervised finetuning of the distilled student on labels."""
+
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, lr=5e-4, patience=3))
+
+
+class ExportConfig(_Strict):
+    """ONNX export of the student and the parity check against PyTorch."""
+
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset version.")
+    parity_max_abs_diff: float = Field(
+        1e-4, gt=0, le=1, description="Largest tolerated |ONNX - PyTorch| over every test logit."
+    )
+
+
+class BenchmarkConfig(_Strict):
+    """ONNX Runtime against PyTorch eager latency measurement."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    warmup: int = Field(10, ge=0, le=10000, description="Untimed runs before measuring.")
+    iterations: int = Field(100, ge=5, le=100000, description="Timed runs per model, engine and batch size.")
+    threads: int = Field(1, ge=1, le=256, description="Intra-op threads for both engines, so they compete fairly.")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        min_length=1,
+        description="ONNX Runtime providers to try, in order.",
+    )
+
+
+class RunConfig(_Strict):
+    """The whole pipeline's config, as written in one YAML file."""
+
+    name: str = Field("run", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
+    data: DataConfig
+    teacher: TeacherConfig = Field(
+        default_factory=lambda: TeacherConfig(embed_dim=128, fusion=PluginChoice(name="attention"))
+    )
+    student: StudentConfig = Field(
+        default_factory=lambda: StudentConfig(
+            image_encoder=EncoderConfig(width=8, blocks=[1, 1]),
+            audio_encoder=EncoderConfig(width=8, blocks=[1, 1]),
+            embed_dim=32,
+        )
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    feature_store: Path | None = Field(
+        None, description="Folder of cached teacher outputs; by default feature-store/ beside the runs."
+    )
+
+    @model_validator(mode="after")
+    def _check_plugins(self) -> RunConfig:
+        from mmkd.registry import get_registry
+
+        checks = [("teacher.fusion", "fusion", self.teacher.fusion), ("student.fusion", "fusion", self.student.fusion)]
+        checks += [(f"distill.losses[{i}]", "losses", term) for i, term in enumerate(self.distill.losses)]
+        for key, kind, choice in checks:
+            try:
+                plugin = get_registry(kind).get(choice.name)
+            except PluginError as exc:
+                raise ValueError(f"{key}.name: {exc}") from None
+            try:
+                plugin.Params(**choice.params)
+            except ValidationError as exc:
+                raise ValueError(f"{key}.params: {_describe_errors(exc, plugin.Params)}") from None
+        return self
+
+    def fingerprint(self) -> str:
+        """Return a short hash of the resolved config, stored with checkpoints and models."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Return the field names of the sub-model at `loc`, for an unknown-key message."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _describe_errors(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            valid = _valid_keys(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {key!r}.{hint} Valid keys here: {', '.join(valid)}.")
+        else:
+            lines.append(f"{key}: {error['msg']} (got {error.get('input')!r}).")
+    return " ".join(lines)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read, validate and resolve a YAML config.
+
+    Relative paths inside the config are resolved against the config file's folder.
+
+    Args:
+        path: The YAML file.
+        overrides: Top-level keys replaced after reading, e.g. {"seed": 3}.
+
+    Raises:
+        ConfigError: the file is missing or is not YAML, or a key is unknown or out of range.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML run config.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of keys, found {type(raw).__name__}.")
+    raw.update(overrides or {})
+    return config_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str = "config") -> RunConfig:
+    """Validate a config mapping and make its paths absolute against `base_dir`."""
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe_errors(exc, RunConfig)}") from None
+    config.data.manifest = (base_dir / config.data.manifest).resolve()
+    if config.teacher.checkpoint is not None:
+        config.teacher.checkpoint = (base_dir / config.teacher.checkpoint).resolve()
+    if config.feature_store is not None:
+        config.feature_store = (base_dir / config.feature_store).resolve()
+    return config
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (paths absolute), atomically."""
+    from mmkd.runs import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
