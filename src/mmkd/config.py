@@ -67,8 +67,8 @@ class DataConfig(_Strict):
         description="Used only when the manifest has no split column.",
     )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (for smoke runs).")
-    image: ImageConfig = Field(default_factory=ImageConfig)
-    audio: AudioConfig = Field(default_factory=AudioConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig, description="Image decoding.")
+    audio: AudioConfig = Field(default_factory=AudioConfig, description="Audio decoding and the log-mel front end.")
 
 
 class EncoderConfig(_Strict):
@@ -104,19 +104,19 @@ class TrainConfig(_Strict):
     """Optimiser and schedule for one training stage."""
 
     epochs: int = Field(10, ge=1, le=10000, description="Maximum epochs.")
-    batch_size: int = Field(64, ge=1, le=65536)
+    batch_size: int = Field(64, ge=1, le=65536, description="Rows per optimiser step.")
     lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate of AdamW (one-cycle schedule).")
-    weight_decay: float = Field(1e-4, ge=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1, description="AdamW weight decay.")
     patience: int = Field(4, ge=1, le=10000, description="Stop after this many epochs without a better validation accuracy.")
 
 
 class ModelConfig(_Strict):
     """A multimodal classifier: one encoder per modality, a fusion plugin and a linear head."""
 
-    image_encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    audio_encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    image_encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Encoder of the image modality.")
+    audio_encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Encoder of the audio modality (after the log-mel front end).")
     embed_dim: int = Field(64, ge=2, le=4096, description="Width of each modality embedding.")
-    fusion: PluginChoice = Field(default_factory=lambda: PluginChoice(name="concat"))
+    fusion: PluginChoice = Field(default_factory=lambda: PluginChoice(name="concat"), description="Fusion plugin combining the modality embeddings.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head.")
 
 
@@ -124,7 +124,7 @@ class TeacherConfig(ModelConfig):
     """The teacher: trained here unless `checkpoint` names one trained before."""
 
     checkpoint: Path | None = Field(None, description="A teacher.pt from an earlier run; skips teacher training.")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-3))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-3), description="Teacher training schedule.")
 
 
 class StudentConfig(ModelConfig):
@@ -142,13 +142,13 @@ class DistillConfig(_Strict):
         min_length=1,
         description="The objective: the weighted sum of these named loss terms.",
     )
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, patience=6))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, patience=6), description="Distillation schedule.")
 
 
 class FinetuneConfig(_Strict):
     """Supervised finetuning of the distilled student on labels."""
 
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, lr=5e-4, patience=3))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, lr=5e-4, patience=3), description="Finetuning schedule.")
 
 
 class ExportConfig(_Strict):
@@ -163,7 +163,7 @@ class ExportConfig(_Strict):
 class BenchmarkConfig(_Strict):
     """ONNX Runtime against PyTorch eager latency measurement."""
 
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1, description="Batch sizes to time.")
     warmup: int = Field(10, ge=0, le=10000, description="Untimed runs before measuring.")
     iterations: int = Field(100, ge=5, le=100000, description="Timed runs per model, engine and batch size.")
     threads: int = Field(1, ge=1, le=256, description="Intra-op threads for both engines, so they compete fairly.")
@@ -177,24 +177,26 @@ class BenchmarkConfig(_Strict):
 class RunConfig(_Strict):
     """The whole pipeline's config, as written in one YAML file."""
 
-    name: str = Field("run", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    name: str = Field("run", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$", description="Run name, part of each run folder's name.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds model initialisation and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
-    data: DataConfig
+    data: DataConfig = Field(description="The manifest and how rows are decoded.")
     teacher: TeacherConfig = Field(
-        default_factory=lambda: TeacherConfig(embed_dim=128, fusion=PluginChoice(name="attention"))
+        default_factory=lambda: TeacherConfig(embed_dim=128, fusion=PluginChoice(name="attention")),
+        description="The teacher's architecture and training.",
     )
     student: StudentConfig = Field(
         default_factory=lambda: StudentConfig(
             image_encoder=EncoderConfig(width=8, blocks=[1, 1]),
             audio_encoder=EncoderConfig(width=8, blocks=[1, 1]),
             embed_dim=32,
-        )
+        ),
+        description="The student's architecture; the baseline uses the same.",
     )
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="The distillation objective and schedule.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Finetuning on labels after distillation.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export settings.")
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Latency measurement settings.")
     feature_store: Path | None = Field(
         None, description="Folder of cached teacher outputs; by default feature-store/ beside the runs."
     )

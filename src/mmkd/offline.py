@@ -18,6 +18,8 @@ OFFLINE_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     # Library loggers show up in Prefect's run logs.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "mmkd",
+    # mmkd logs outside flow runs too (building data, the CLI); those stay local.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     # Prefect's temporary server takes 15-30 s to start on a small machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }

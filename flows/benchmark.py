@@ -1,0 +1,37 @@
+"""Benchmark flow: ONNX Runtime against PyTorch eager for teacher and student."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from mmkd.benchmarking import benchmark_model
+from mmkd.checkpoints import load_checkpoint
+from mmkd.flows._common import flow_logger, load_run_inputs
+from mmkd.reports import benchmark_markdown
+from mmkd.runs import atomic_write_json, atomic_write_text
+
+
+@flow(name="benchmark", description="Latency percentiles and throughput per engine, provider and batch size.")
+def benchmark_flow(run_dir: str) -> list[dict]:
+    """Write benchmark.json and benchmark.md for the run's ONNX models."""
+    logger = flow_logger()
+    paths, config, dataset = load_run_inputs(run_dir)
+    test = dataset.subset("test")
+    settings = config.benchmark
+
+    rows: list[dict] = []
+    for role, checkpoint, onnx_path in (
+        ("student", paths.student, paths.student_onnx),
+        ("teacher", paths.teacher, paths.teacher_onnx),
+    ):
+        model, _ = load_checkpoint(checkpoint, config)
+        rows += benchmark_model(
+            role, model, onnx_path, test.model_inputs(),
+            batch_sizes=settings.batch_sizes, providers=settings.providers, threads=settings.threads,
+            warmup=settings.warmup, iterations=settings.iterations,
+        )
+
+    atomic_write_json(paths.benchmark, rows)
+    atomic_write_text(paths.run_dir / "benchmark.md", benchmark_markdown(rows))
+    logger.info("Wrote %s (%d rows)", paths.benchmark, len(rows))
+    return rows

@@ -1,0 +1,59 @@
+"""Distill flow: train the small student against the stored teacher outputs."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from mmkd.checkpoints import build_model, load_checkpoint, save_checkpoint
+from mmkd.config import RunConfig
+from mmkd.data.loading import TensorDataset
+from mmkd.distillation import DistillationObjective
+from mmkd.features import FeatureStore
+from mmkd.flows._common import RunPaths, flow_logger, load_run_inputs, seed_everything
+from mmkd.training import fit, resolve_device
+
+STUDENT_SEED_OFFSET = 1000  # the student and the baseline start from the same weights
+
+
+@task(name="distill-student", cache_policy=NO_CACHE)
+def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureStore, paths: RunPaths) -> dict:
+    """Train the student on the weighted sum of the configured loss terms."""
+    train, val = dataset.subset("train"), dataset.subset("val")
+    teacher_logits, teacher_embeddings = store.get(train.keys)
+    seed_everything(config.seed + STUDENT_SEED_OFFSET)
+    device = resolve_device(config.device)
+    student = build_model(config, "student", dataset.classes).to(device)
+    objective = DistillationObjective(
+        config.distill.losses,
+        student_dim=student.embedding_dim,
+        teacher_dim=teacher_embeddings.shape[1],
+        teacher_logits=teacher_logits,
+        teacher_embeddings=teacher_embeddings,
+    ).to(device)
+    result = fit(
+        student, train, val, config.distill.train, objective,
+        stage="distill", seed=config.seed + 1, device=device, extra_modules=[objective],
+    )
+    training = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seconds": result.seconds,
+                "best_val_accuracy": result.best_val_accuracy, "loss_terms": objective.names}
+    return save_checkpoint(paths.distilled, student.cpu(), config, "student", dataset.classes, training=training)
+
+
+@flow(name="distill", description="Train the student against cached teacher logits and features.")
+def distill_flow(run_dir: str) -> dict:
+    """Produce student_distilled.pt from the run's teacher outputs."""
+    logger = flow_logger()
+    paths, config, dataset = load_run_inputs(run_dir)
+
+    # Teacher outputs come from the feature store; the teacher itself is not run again.
+    _, teacher_metadata = load_checkpoint(paths.teacher, config)
+    store = FeatureStore(paths.feature_store(config), teacher_metadata["fingerprint"])
+    metadata = distill_student(config, dataset, store, paths)
+
+    logger.info(
+        "Distilled student: %d parameters (teacher %d, %.1fx fewer), val accuracy %.4f",
+        metadata["params"], teacher_metadata["params"], teacher_metadata["params"] / metadata["params"],
+        metadata["training"]["best_val_accuracy"],
+    )
+    return {"params": metadata["params"], "training": metadata["training"]}

@@ -1,0 +1,56 @@
+"""Evaluate flow: test metrics of teacher, distilled student and a label-only baseline."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from mmkd.checkpoints import build_model, load_checkpoint, save_checkpoint
+from mmkd.config import RunConfig, TrainConfig
+from mmkd.data.loading import TensorDataset
+from mmkd.flows._common import RunPaths, flow_logger, load_run_inputs, seed_everything
+from mmkd.flows.distill import STUDENT_SEED_OFFSET
+from mmkd.training import classification_metrics, cross_entropy_loss, fit, predict, resolve_device
+
+
+def baseline_budget(config: RunConfig) -> TrainConfig:
+    """The baseline gets the student's whole budget: distillation plus finetuning epochs."""
+    return config.distill.train.model_copy(
+        update={"epochs": config.distill.train.epochs + config.finetune.train.epochs}
+    )
+
+
+@task(name="train-baseline", cache_policy=NO_CACHE)
+def train_baseline(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -> dict:
+    """Train the student architecture on labels only, from the student's initial weights."""
+    seed_everything(config.seed + STUDENT_SEED_OFFSET)
+    device = resolve_device(config.device)
+    baseline = build_model(config, "baseline", dataset.classes).to(device)
+    result = fit(
+        baseline, dataset.subset("train"), dataset.subset("val"), baseline_budget(config), cross_entropy_loss,
+        stage="baseline", seed=config.seed + 1, device=device,
+    )
+    training = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seconds": result.seconds}
+    return save_checkpoint(paths.baseline, baseline.cpu(), config, "baseline", dataset.classes, training=training)
+
+
+@flow(name="evaluate", description="Test-split accuracy, macro-F1 and per-class scores of teacher, student and baseline.")
+def evaluate_flow(run_dir: str) -> dict:
+    """Train the baseline if the run has none, then score the three models on the test split."""
+    logger = flow_logger()
+    paths, config, dataset = load_run_inputs(run_dir)
+    if not paths.baseline.exists():
+        train_baseline(config, dataset, paths)
+
+    # Every model is scored on the same test rows.
+    test = dataset.subset("test")
+    results = {}
+    for role, path in (("teacher", paths.teacher), ("student", paths.student), ("baseline", paths.baseline)):
+        model, metadata = load_checkpoint(path, config)
+        metrics = classification_metrics(predict(model, test)[0], test.labels, dataset.classes)
+        results[role] = {"params": metadata["params"], "test": metrics, "training": metadata.get("training")}
+        logger.info(
+            "%s: %d parameters, test accuracy %.4f, macro-F1 %.4f",
+            role, metadata["params"], metrics["accuracy"], metrics["macro_f1"],
+        )
+    return results

@@ -1,0 +1,48 @@
+"""Export flow: the student (and the teacher, for benchmarking) to ONNX, checked for parity."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from mmkd import __version__
+from mmkd.benchmarking import create_session
+from mmkd.checkpoints import load_checkpoint
+from mmkd.flows._common import flow_logger, load_run_inputs
+from mmkd.onnx_export import check_parity, export_onnx
+from mmkd.training import predict
+
+
+@flow(name="export", description="Export student.onnx and teacher.onnx; check them against PyTorch on the test split.")
+def export_flow(run_dir: str) -> dict:
+    """Write the ONNX models and return the student's parity and ONNX test accuracy."""
+    logger = flow_logger()
+    paths, config, dataset = load_run_inputs(run_dir)
+    test = dataset.subset("test")
+
+    report = {}
+    for role, checkpoint, onnx_path in (
+        ("student", paths.student, paths.student_onnx),
+        ("teacher", paths.teacher, paths.teacher_onnx),
+    ):
+        # Export with the labels, preprocessing and provenance stored in the model.
+        model, metadata = load_checkpoint(checkpoint, config)
+        export_onnx(
+            model, test, onnx_path, opset=config.export.opset,
+            metadata={
+                "mmkd_version": __version__, "role": role, "labels": dataset.classes,
+                "preprocessing": dataset.preprocessing, "inputs": [*dataset.modalities, "mask"],
+                "config_fingerprint": config.fingerprint(), "model_fingerprint": metadata["fingerprint"],
+            },
+        )
+
+        # Compare every test row's outputs with PyTorch's, on the CPU provider.
+        session, _ = create_session(onnx_path, ["CPUExecutionProvider"], threads=2)
+        torch_logits, torch_embeddings = predict(model, test)
+        report[role] = check_parity(
+            session, torch_logits, torch_embeddings, test, max_abs_diff=config.export.parity_max_abs_diff
+        )
+        logger.info(
+            "%s.onnx: test accuracy %.4f, max |ONNX - PyTorch| %.3g over %d rows",
+            role, report[role]["accuracy"], report[role]["max_abs_diff"], len(test),
+        )
+    return report

@@ -1,0 +1,55 @@
+"""Teacher flow: train the multimodal teacher, or take a checkpoint trained before."""
+
+from __future__ import annotations
+
+import shutil
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from mmkd.checkpoints import build_model, load_checkpoint, save_checkpoint
+from mmkd.config import RunConfig
+from mmkd.data.loading import TensorDataset
+from mmkd.flows._common import RunPaths, flow_logger, load_run_inputs, seed_everything
+from mmkd.training import classification_metrics, cross_entropy_loss, fit, predict, resolve_device
+
+
+@task(name="train-teacher", cache_policy=NO_CACHE)
+def train_teacher(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -> dict:
+    """Train the teacher on the train split, early-stopped on validation accuracy."""
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    model = build_model(config, "teacher", dataset.classes).to(device)
+    result = fit(
+        model, dataset.subset("train"), dataset.subset("val"), config.teacher.train, cross_entropy_loss,
+        stage="teacher", seed=config.seed, device=device,
+    )
+    training = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seconds": result.seconds}
+    return save_checkpoint(paths.teacher, model.cpu(), config, "teacher", dataset.classes, training=training)
+
+
+@flow(name="teacher", description="Train the multimodal teacher (or reuse a checkpoint) and save teacher.pt.")
+def teacher_flow(run_dir: str) -> dict:
+    """Produce the run's teacher.pt and report its size and validation accuracy."""
+    logger = flow_logger()
+    paths, config, dataset = load_run_inputs(run_dir)
+
+    # A teacher trained earlier is copied into the run, so the run folder is complete.
+    if config.teacher.checkpoint is not None:
+        shutil.copyfile(config.teacher.checkpoint, paths.teacher)
+        logger.info("Using the teacher checkpoint %s", config.teacher.checkpoint)
+    else:
+        train_teacher(config, dataset, paths)
+
+    # Report the teacher's validation accuracy from the saved weights.
+    model, metadata = load_checkpoint(paths.teacher, config)
+    if metadata["classes"] != dataset.classes:
+        raise ValueError(
+            f"teacher {paths.teacher} predicts classes {metadata['classes']}, but the data has "
+            f"{dataset.classes}; train a new teacher or set data.classes to match"
+        )
+    val = dataset.subset("val")
+    val_metrics = classification_metrics(predict(model, val)[0], val.labels, dataset.classes)
+    logger.info("Teacher: %d parameters, val accuracy %.4f", metadata["params"], val_metrics["accuracy"])
+    return {"params": metadata["params"], "fingerprint": metadata["fingerprint"], "val": val_metrics,
+            "training": metadata.get("training")}

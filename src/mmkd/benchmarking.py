@@ -1,0 +1,139 @@
+"""Latency of ONNX Runtime against PyTorch eager on the same inputs.
+
+Both engines get the same thread count, warm-up runs and inputs. The execution provider
+a session actually uses is recorded; a requested provider that did not load is reported
+in the row and the log, never hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def create_session(path: Path, providers: list[str], *, threads: int) -> tuple[ort.InferenceSession, dict]:
+    """Open an ONNX Runtime session trying `providers` in order, CPU last.
+
+    Returns:
+        The session and a record of the providers requested, available, used, and
+        every requested provider that was not used with the reason.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    available = ort.get_available_providers()
+    wanted = [p for p in providers if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
+    unavailable = {p: "not in this onnxruntime build" for p in wanted if p not in available}
+    try_list = [p for p in wanted if p in available]
+    session = ort.InferenceSession(str(path), sess_options=options, providers=try_list)
+    used = session.get_providers()
+    not_loaded = dict(unavailable)
+    for provider in try_list:
+        if provider not in used:
+            not_loaded[provider] = "failed to load (no device or missing libraries); ONNX Runtime fell back"
+    for provider, reason in not_loaded.items():
+        if provider in providers:
+            logger.warning("ONNX Runtime provider %s was requested but %s; using %s", provider, reason, used[0])
+    record = {"requested": list(providers), "available": available, "used": used[0], "not_loaded": not_loaded}
+    return session, record
+
+
+def time_calls(call: Callable[[], object], *, warmup: int, iterations: int) -> np.ndarray:
+    """Return the wall-clock latency in milliseconds of `iterations` calls after `warmup` calls."""
+    for _ in range(warmup):
+        call()
+    latencies = np.empty(iterations)
+    for i in range(iterations):
+        started = time.perf_counter()
+        call()
+        latencies[i] = (time.perf_counter() - started) * 1000.0
+    return latencies
+
+
+def summarise(latencies_ms: np.ndarray, batch_size: int) -> dict:
+    """Return p50/p90/p99 latency and throughput in examples per second."""
+    return {
+        "p50_ms": float(np.percentile(latencies_ms, 50)),
+        "p90_ms": float(np.percentile(latencies_ms, 90)),
+        "p99_ms": float(np.percentile(latencies_ms, 99)),
+        "mean_ms": float(latencies_ms.mean()),
+        "throughput_per_s": float(batch_size * 1000.0 / latencies_ms.mean()),
+        "iterations": int(latencies_ms.size),
+    }
+
+
+def benchmark_model(
+    name: str,
+    model: torch.nn.Module,
+    onnx_path: Path,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    batch_sizes: list[int],
+    providers: list[str],
+    threads: int,
+    warmup: int,
+    iterations: int,
+) -> list[dict]:
+    """Time one model in ONNX Runtime and in PyTorch eager at each batch size.
+
+    `inputs` are real rows in the model's positional order; a batch of size b repeats
+    them as needed.
+    """
+    session, provider_record = create_session(onnx_path, providers, threads=threads)
+    input_names = [i.name for i in session.get_inputs()]
+    device = torch.device("cuda") if provider_record["used"] == "CUDAExecutionProvider" else torch.device("cpu")
+    model = model.eval().to(device)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows: list[dict] = []
+    try:
+        for batch_size in batch_sizes:
+            index = torch.arange(batch_size) % len(inputs[0])
+            batch = tuple(x[index].contiguous() for x in inputs)
+            feed = {n: x.numpy() for n, x in zip(input_names, batch, strict=True)}
+            onnx_ms = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations)
+            rows.append({
+                "model": name, "engine": "onnxruntime", "provider": provider_record["used"],
+                "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
+                **summarise(onnx_ms, batch_size),
+                "requested_providers": provider_record["requested"],
+                "providers_not_loaded": provider_record["not_loaded"],
+            })
+            torch_batch = tuple(x.to(device) for x in batch)
+
+            def torch_call() -> None:
+                with torch.inference_mode():
+                    model(*torch_batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            torch_ms = time_calls(torch_call, warmup=warmup, iterations=iterations)
+            rows.append({
+                "model": name, "engine": "pytorch-eager", "provider": str(device),
+                "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
+                **summarise(torch_ms, batch_size),
+            })
+            logger.info(
+                "%s batch %d: onnxruntime (%s) p50 %.3f ms, pytorch eager p50 %.3f ms",
+                name, batch_size, provider_record["used"], rows[-2]["p50_ms"], rows[-1]["p50_ms"],
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return rows
+
+
+def _audio_samples(batch: tuple[torch.Tensor, ...], names: list[str]) -> int | None:
+    for name, x in zip(names, batch, strict=True):
+        if name == "audio":
+            return int(x.shape[1])
+    return None

@@ -1,0 +1,233 @@
+"""Decode a manifest's files into tensors once, with a cache keyed by content.
+
+Every row's files are decoded and checked before any training starts; a file that is
+missing or does not decode stops the run with the row id, the path and the reason.
+The decoded tensors are cached, so later stages and later runs decode no file again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmkd.config import AudioConfig, DataConfig, ImageConfig
+from mmkd.errors import DataError
+from mmkd.manifest import Manifest, read_manifest
+from mmkd.runs import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class TensorDataset:
+    """Decoded rows: one input tensor per modality, the modality mask, labels and splits.
+
+    Attributes:
+        inputs: modality -> tensor with rows first (images float, waveforms float).
+        mask: (rows, modalities) bool, True where the row has that modality.
+        labels: (rows,) class indices into `classes`.
+        ids: row ids, as in the manifest.
+        splits: "train", "val" or "test" per row.
+        keys: per-row content hash of the decoded inputs, used by the feature store.
+        classes: class labels in output order.
+        modalities: modality names in input order.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    labels: torch.Tensor
+    ids: list[str]
+    splits: list[str]
+    keys: list[str]
+    classes: list[str]
+    modalities: list[str]
+    preprocessing: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, split: str) -> TensorDataset:
+        """Return the rows of one split, in manifest order."""
+        index = [i for i, s in enumerate(self.splits) if s == split]
+        return self.take(index)
+
+    def take(self, index: list[int]) -> TensorDataset:
+        """Return the rows at `index`."""
+        rows = torch.as_tensor(index, dtype=torch.long)
+        return TensorDataset(
+            inputs={m: x[rows] for m, x in self.inputs.items()},
+            mask=self.mask[rows],
+            labels=self.labels[rows],
+            ids=[self.ids[i] for i in index],
+            splits=[self.splits[i] for i in index],
+            keys=[self.keys[i] for i in index],
+            classes=self.classes,
+            modalities=self.modalities,
+            preprocessing=self.preprocessing,
+        )
+
+    def model_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Return the tensors in the model's positional order: modalities, then mask."""
+        return (*(self.inputs[m] for m in self.modalities), self.mask)
+
+
+def decode_image(path: Path, config: ImageConfig) -> np.ndarray:
+    """Read an image as float32 (channels, size, size), normalised by the config's mean and std."""
+    with Image.open(path) as image:
+        image.load()
+        converted = image.convert("L" if config.channels == 1 else "RGB")
+    if converted.size != (config.size, config.size):
+        converted = converted.resize((config.size, config.size), Image.Resampling.BILINEAR)
+    array = np.asarray(converted, dtype=np.float32) / 255.0
+    array = array[None] if config.channels == 1 else array.transpose(2, 0, 1)
+    return (array - config.mean) / config.std
+
+
+def decode_audio(path: Path, config: AudioConfig) -> np.ndarray:
+    """Read a 16-bit PCM WAV file as float32 samples in [-1, 1], padded or centre-cropped."""
+    with wave.open(str(path), "rb") as wav:
+        rate, channels, width, frames = wav.getframerate(), wav.getnchannels(), wav.getsampwidth(), wav.getnframes()
+        raw = wav.readframes(frames)
+    if width != 2:
+        raise ValueError(f"expected 16-bit PCM samples, found {8 * width}-bit")
+    if rate != config.sample_rate_hz:
+        raise ValueError(
+            f"expected {config.sample_rate_hz} Hz, found {rate} Hz; resample the file or set "
+            f"data.audio.sample_rate_hz"
+        )
+    samples = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    if samples.size == 0:
+        raise ValueError("the recording holds no samples")
+    target = config.num_samples
+    if samples.size > target:
+        start = (samples.size - target) // 2
+        return samples[start : start + target]
+    return np.pad(samples, (0, target - samples.size))
+
+
+def _source_key(manifest: Manifest, data: DataConfig) -> str:
+    """Hash the manifest bytes, every named file's size and mtime, and the preprocessing."""
+    digest = hashlib.sha256(manifest.path.read_bytes())
+    digest.update(json.dumps([CACHE_FORMAT, data.model_dump(mode="json")], sort_keys=True).encode())
+    for modality in ("image", "audio"):
+        if modality not in manifest.frame.columns:
+            continue
+        for value in manifest.frame[modality]:
+            if value is None:
+                continue
+            try:
+                stat = manifest.resolve(value).stat()
+                digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            except OSError:
+                digest.update(f"{value}:missing".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_dataset(data: DataConfig, *, cache_dir: Path | None = None) -> TensorDataset:
+    """Read the manifest and decode every row, or reuse the cached tensors.
+
+    Raises:
+        DataError: a file is missing or does not decode; the message names the row id,
+            the manifest, the path and the reason.
+    """
+    manifest = read_manifest(data.manifest, modalities=data.modalities, split_fractions=data.split_fractions)
+    if data.max_rows is not None:
+        manifest = Manifest(
+            path=manifest.path,
+            root=manifest.root,
+            frame=manifest.frame.iloc[: data.max_rows].reset_index(drop=True),
+            modalities=manifest.modalities,
+            split_assigned=manifest.split_assigned,
+        )
+    key = _source_key(manifest, data)
+    cache_path = cache_dir / f"tensors-{key}.pt" if cache_dir is not None else None
+    if cache_path is not None and cache_path.exists():
+        logger.info("Reusing decoded tensors from %s", cache_path)
+        return TensorDataset(**torch.load(cache_path, weights_only=False))
+
+    dataset = _decode(manifest, data)
+    if cache_path is not None:
+        atomic_torch_save(cache_path, dataset.__dict__)
+    return dataset
+
+
+def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
+    frame = manifest.frame
+    labels_text = [str(v) for v in frame["label"]]
+    classes = list(data.classes) if data.classes is not None else sorted(set(labels_text), key=_label_order)
+    unknown = sorted(set(labels_text) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{manifest.path}: labels {unknown} are not in data.classes {classes}. "
+            "Add them to data.classes or remove those rows."
+        )
+    class_index = {c: i for i, c in enumerate(classes)}
+    empty = {"image": np.zeros((data.image.channels, data.image.size, data.image.size), np.float32),
+             "audio": np.zeros(data.audio.num_samples, np.float32)}
+    decoders = {"image": lambda p: decode_image(p, data.image), "audio": lambda p: decode_audio(p, data.audio)}
+
+    arrays: dict[str, list[np.ndarray]] = {m: [] for m in data.modalities}
+    mask = np.zeros((len(frame), len(data.modalities)), dtype=bool)
+    keys = []
+    for row_number, row in enumerate(frame.itertuples(index=False)):
+        row_id = str(row.id)
+        digest = hashlib.sha256()
+        for j, modality in enumerate(data.modalities):
+            value = getattr(row, modality, None)
+            if value is None:
+                arrays[modality].append(empty[modality])
+                digest.update(f"{modality}:absent".encode())
+                continue
+            path = manifest.resolve(value)
+            try:
+                array = decoders[modality](path)
+            except FileNotFoundError:
+                raise DataError(_row_message(manifest, row_number, row_id, modality, path, "the file does not exist")) from None
+            except (OSError, ValueError, EOFError, wave.Error, UnidentifiedImageError) as exc:
+                raise DataError(_row_message(manifest, row_number, row_id, modality, path, f"it does not decode: {exc}")) from None
+            arrays[modality].append(array)
+            mask[row_number, j] = True
+            digest.update(modality.encode())
+            digest.update(array.tobytes())
+        keys.append(digest.hexdigest()[:32])
+
+    inputs = {m: torch.from_numpy(np.stack(arrays[m])) for m in data.modalities}
+    logger.info("Decoded %d rows (%s) from %s", len(frame), ", ".join(data.modalities), manifest.path)
+    return TensorDataset(
+        inputs=inputs,
+        mask=torch.from_numpy(mask),
+        labels=torch.tensor([class_index[v] for v in labels_text], dtype=torch.long),
+        ids=[str(v) for v in frame["id"]],
+        splits=[str(v) for v in frame["split"]],
+        keys=keys,
+        classes=classes,
+        modalities=list(data.modalities),
+        preprocessing={"image": data.image.model_dump(), "audio": data.audio.model_dump()},
+    )
+
+
+def _row_message(manifest: Manifest, row_number: int, row_id: str, column: str, path: Path, reason: str) -> str:
+    return (
+        f"{manifest.path}, row {row_number + 1} (id {row_id!r}), column {column!r}: {path} cannot be used "
+        f"because {reason}. Fix or replace the file, or remove the row from the manifest."
+    )
+
+
+def _label_order(label: str) -> tuple[int, float | str]:
+    """Sort numeric labels numerically ("2" before "10") and others alphabetically."""
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)

@@ -1,0 +1,69 @@
+"""The multimodal classifier shared by teacher, student and baseline."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmkd.config import AudioConfig, ImageConfig, ModelConfig
+from mmkd.models.encoders import AudioEncoder, ResNetEncoder
+from mmkd.registry import get_registry
+
+
+class MultimodalClassifier(nn.Module):
+    """One encoder per modality, a fusion plugin and a linear classification head.
+
+    `forward(*inputs, mask)` takes one tensor per modality in `modalities` order (images
+    (batch, channels, size, size), waveforms (batch, samples)) and a (batch, modalities)
+    bool mask, and returns `(logits, embedding)` where `embedding` is the fused feature.
+    This positional signature is also the ONNX model's, with inputs named after the
+    modalities and "mask".
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        modalities: list[str],
+        num_classes: int,
+        image: ImageConfig,
+        audio: AudioConfig,
+    ) -> None:
+        super().__init__()
+        self.modalities = list(modalities)
+        encoders: dict[str, nn.Module] = {}
+        for modality in self.modalities:
+            if modality == "image":
+                encoders[modality] = ResNetEncoder(image.channels, config.image_encoder, config.embed_dim)
+            elif modality == "audio":
+                encoders[modality] = AudioEncoder(audio, config.audio_encoder, config.embed_dim)
+            else:
+                raise ValueError(f"no encoder for modality {modality!r}; built in: image, audio")
+        self.encoders = nn.ModuleDict(encoders)
+        fusion_cls = get_registry("fusion").get(config.fusion.name)
+        self.fusion = fusion_cls([config.embed_dim] * len(self.modalities), fusion_cls.Params(**config.fusion.params))
+        self.embedding_dim = self.fusion.output_dim
+        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(self.fusion.output_dim, num_classes))
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *inputs, mask = args
+        features = [self.encoders[m](x) for m, x in zip(self.modalities, inputs, strict=True)]
+        embedding = self.fusion(features, mask)
+        return self.head(embedding), embedding
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Return the number of trainable and frozen parameters of `model`."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def fingerprint_model(model: nn.Module, extra: Any = None) -> str:
+    """Hash the weights, buffers and `extra` (e.g. the architecture config) of a model."""
+    digest = hashlib.sha256(repr(extra).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,45 @@
+"""Plain-text tables of a run's metrics and benchmark, for the terminal and markdown."""
+
+from __future__ import annotations
+
+
+def benchmark_markdown(rows: list[dict]) -> str:
+    """Return benchmark rows as a markdown table, with a note for providers that did not load."""
+    lines = [
+        "| model | engine | provider | batch | p50 ms | p90 ms | p99 ms | examples/s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    notes = set()
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['engine']} | {row['provider']} | {row['batch_size']} | {row['p50_ms']:.3f} | "
+            f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['throughput_per_s']:.0f} |"
+        )
+        for provider, reason in (row.get("providers_not_loaded") or {}).items():
+            if provider in row.get("requested_providers", []):
+                notes.add(f"- {provider} was requested but {reason}.")
+    return "\n".join(lines + ([""] + sorted(notes) if notes else [])) + "\n"
+
+
+def p50(rows: list[dict], model: str, engine: str, batch_size: int) -> float | None:
+    """Return the p50 latency of one benchmark row, or None when it was not measured."""
+    for row in rows:
+        if (row["model"], row["engine"], row["batch_size"]) == (model, engine, batch_size):
+            return row["p50_ms"]
+    return None
+
+
+def summary_table(metrics: dict, benchmark: list[dict]) -> str:
+    """Return the demo's closing table: parameters, test accuracy and batch-1 latency."""
+    header = f"{'model':<16}{'parameters':>12}{'test accuracy':>15}{'p50 ms (b=1)':>16}"
+    lines = [header, "-" * len(header)]
+    entries = [
+        ("teacher", metrics["teacher"]["params"], metrics["teacher"]["test"]["accuracy"], p50(benchmark, "teacher", "pytorch-eager", 1)),
+        ("baseline", metrics["baseline"]["params"], metrics["baseline"]["test"]["accuracy"], None),
+        ("student", metrics["student"]["params"], metrics["student"]["test"]["accuracy"], p50(benchmark, "student", "pytorch-eager", 1)),
+        ("student (ONNX)", metrics["student"]["params"], metrics["onnx"]["test"]["accuracy"], p50(benchmark, "student", "onnxruntime", 1)),
+    ]
+    for name, params, accuracy, latency in entries:
+        latency_text = f"{latency:.3f}" if latency is not None else "-"
+        lines.append(f"{name:<16}{params:>12,}{accuracy:>15.4f}{latency_text:>16}")
+    return "\n".join(lines)
