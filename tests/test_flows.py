@@ -1,0 +1,157 @@
+"""Each stage flow through `.fn()` on a small slice of the real data, in pipeline order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from mmkd.checkpoints import load_checkpoint
+from mmkd.config import load_config, save_config
+from mmkd.data.loading import load_dataset
+from mmkd.errors import DataError
+from mmkd.features import FeatureStore
+from mmkd.flows.benchmark import benchmark_flow
+from mmkd.flows.distill import distill_flow
+from mmkd.flows.evaluate import evaluate_flow
+from mmkd.flows.export import export_flow
+from mmkd.flows.extract import extract_flow
+from mmkd.flows.finetune import finetune_flow
+from mmkd.flows.teacher import teacher_flow
+from mmkd.models.multimodal import count_parameters
+
+from conftest import write_config
+
+BENCHMARK_KEYS = {"model", "engine", "provider", "batch_size", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_avdigits, prefect_server):
+    """A run folder holding the resolved tiny config, as the pipeline flow would leave it."""
+    root = tmp_path_factory.mktemp("runs")
+    config = load_config(write_config(root / "configs", small_avdigits))
+    folder = root / "run-1"
+    folder.mkdir()
+    save_config(config, folder / "config.yaml")
+    return folder
+
+
+def accuracy_of(checkpoint, run_dir, split="test"):
+    config = load_config(run_dir / "config.yaml")
+    dataset = load_dataset(config.data).subset(split)
+    model, _ = load_checkpoint(checkpoint, config)
+    with torch.no_grad():
+        logits, _ = model(*dataset.model_inputs())
+    return float((logits.argmax(1) == dataset.labels).float().mean()), logits, dataset
+
+
+def test_teacher_flow_trains_and_saves_a_checkpoint_with_its_fingerprint(run_dir):
+    result = teacher_flow.fn(str(run_dir))
+    model, metadata = load_checkpoint(run_dir / "teacher.pt", load_config(run_dir / "config.yaml"))
+    assert result["params"] == count_parameters(model) == metadata["params"]
+    assert result["fingerprint"] == metadata["fingerprint"]
+    assert metadata["classes"] == [str(d) for d in range(10)]
+    assert result["val"]["accuracy"] == pytest.approx(accuracy_of(run_dir / "teacher.pt", run_dir, "val")[0])
+
+
+def test_extract_flow_stores_every_row_once_and_reuses_them_on_a_second_run(run_dir):
+    first = extract_flow.fn(str(run_dir))
+    assert first["rows"] == 120
+    assert first["computed"] == 120
+    assert first["reused"] == 0
+    second = extract_flow.fn(str(run_dir))
+    assert second["computed"] == 0
+    assert second["reused"] == 120
+
+    # The stored logits are the teacher's own outputs for those rows.
+    config = load_config(run_dir / "config.yaml")
+    teacher, metadata = load_checkpoint(run_dir / "teacher.pt", config)
+    dataset = load_dataset(config.data)
+    store = FeatureStore(run_dir.parent / "feature-store", metadata["fingerprint"])
+    stored_logits, stored_embeddings = store.get(dataset.keys)
+    with torch.no_grad():
+        logits, embeddings = teacher(*dataset.model_inputs())
+    assert torch.allclose(stored_logits, logits, atol=1e-5)
+    assert stored_embeddings.shape == embeddings.shape
+
+
+def test_distill_and_finetune_flows_produce_a_student_ten_times_smaller(run_dir):
+    distilled = distill_flow.fn(str(run_dir))
+    assert distilled["training"]["loss_terms"] == ["hinton", "mse"]
+    assert (run_dir / "student_distilled.pt").exists()
+    finetuned = finetune_flow.fn(str(run_dir))
+    teacher_params = load_checkpoint(run_dir / "teacher.pt", load_config(run_dir / "config.yaml"))[1]["params"]
+    assert finetuned["params"] * 10 <= teacher_params
+    assert (run_dir / "student.pt").exists()
+
+
+def test_evaluate_flow_scores_match_an_independent_computation(run_dir):
+    results = evaluate_flow.fn(str(run_dir))
+    assert set(results) == {"teacher", "student", "baseline"}
+    assert results["baseline"]["params"] == results["student"]["params"]
+    for role in ("teacher", "student", "baseline"):
+        expected, _, dataset = accuracy_of(run_dir / f"{role}.pt", run_dir)
+        assert results[role]["test"]["accuracy"] == pytest.approx(expected)
+        assert results[role]["test"]["examples"] == len(dataset)
+        supports = [c["support"] for c in results[role]["test"]["per_class"].values()]
+        assert sum(supports) == len(dataset)
+
+
+def test_export_flow_writes_checked_onnx_models_that_match_pytorch(run_dir):
+    report = export_flow.fn(str(run_dir))
+    path = run_dir / "student.onnx"
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == ["image", "audio", "mask"]
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(metadata["labels"]) == [str(d) for d in range(10)]
+
+    # Independently: ONNX Runtime on a batch size and audio length never seen at export.
+    expected_accuracy, torch_logits, dataset = accuracy_of(run_dir / "student.pt", run_dir)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image, audio, mask = (x.numpy() for x in dataset.model_inputs())
+    onnx_logits, _ = session.run(None, {"image": image, "audio": audio, "mask": mask})
+    assert np.abs(onnx_logits - torch_logits.numpy()).max() <= 1e-4
+    assert report["student"]["accuracy"] == pytest.approx(expected_accuracy)
+    assert report["student"]["max_abs_diff"] <= 1e-4
+    short = {"image": image[:3], "audio": audio[:3, :4000], "mask": mask[:3]}
+    with torch.no_grad():
+        model, _ = load_checkpoint(run_dir / "student.pt", load_config(run_dir / "config.yaml"))
+        reference, _ = model(*(torch.from_numpy(v) for v in short.values()))
+    assert np.abs(session.run(None, short)[0] - reference.numpy()).max() <= 1e-4
+
+
+def test_benchmark_flow_reports_both_engines_and_the_provider_actually_used(run_dir):
+    rows = benchmark_flow.fn(str(run_dir))
+    assert json.loads((run_dir / "benchmark.json").read_text()) == rows
+    assert len(rows) == 2 * 2 * 2  # models x engines x batch sizes
+    for row in rows:
+        assert BENCHMARK_KEYS <= set(row)
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    onnx_rows = [r for r in rows if r["engine"] == "onnxruntime"]
+    used = {r["provider"] for r in onnx_rows}
+    if not torch.cuda.is_available():
+        assert used == {"CPUExecutionProvider"}
+        assert all("CUDAExecutionProvider" in r["providers_not_loaded"] for r in onnx_rows)
+    assert "CUDAExecutionProvider was requested but" in (run_dir / "benchmark.md").read_text() or torch.cuda.is_available()
+
+
+def test_a_flow_stops_on_a_missing_file_naming_the_row(tmp_path, small_avdigits, prefect_server):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_avdigits.parent, data)
+    manifest = data / small_avdigits.name
+    lines = manifest.read_text().splitlines()
+    header, first = lines[0].split(","), lines[1].split(",")
+    (data / first[header.index("audio")]).unlink()
+    config = load_config(write_config(tmp_path / "configs", manifest))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(config, run / "config.yaml")
+    with pytest.raises(DataError, match=rf"row 1 \(id '{first[0]}'\), column 'audio': .* the file does not exist"):
+        teacher_flow.fn(str(run))

@@ -1,0 +1,44 @@
+"""The whole pipeline end to end on a slice of the real data, under the Prefect test server."""
+
+import json
+
+from prefect.client.orchestration import get_client
+
+from mmkd.flows.pipeline import pipeline_flow
+
+from conftest import write_config
+
+STAGES = {"teacher", "extract", "distill", "finetune", "evaluate", "export", "benchmark"}
+
+
+def test_pipeline_runs_every_stage_as_a_subflow_and_writes_the_run_folder(tmp_path, small_avdigits, prefect_server):
+    config = write_config(tmp_path / "configs", small_avdigits)
+    result = pipeline_flow(str(config), str(tmp_path / "runs"), seed=3)
+
+    run_dir = tmp_path / "runs" / result["run_dir"].split("/")[-1]
+    for name in ("config.yaml", "teacher.pt", "student.pt", "baseline.pt", "student.onnx", "metrics.json", "benchmark.json"):
+        assert (run_dir / name).is_file(), name
+    assert "seed: 3" in (run_dir / "config.yaml").read_text()
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for role in ("teacher", "student", "baseline"):
+        assert metrics[role]["params"] > 0
+        assert 0.0 <= metrics[role]["test"]["accuracy"] <= 1.0
+    assert metrics["student"]["params"] * 10 <= metrics["teacher"]["params"]
+    assert metrics["baseline"]["params"] == metrics["student"]["params"]
+    assert metrics["onnx"]["test"]["accuracy"] == metrics["student"]["test"]["accuracy"]
+    assert metrics["onnx"]["parity_max_abs_diff"] <= 1e-4
+
+    benchmark = json.loads((run_dir / "benchmark.json").read_text())
+    assert {(r["model"], r["engine"], r["batch_size"]) for r in benchmark} == {
+        (m, e, b) for m in ("teacher", "student") for e in ("onnxruntime", "pytorch-eager") for b in (1, 4)
+    }
+
+    # The Prefect server saw the pipeline and each stage as its own completed flow run.
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        names = {client.read_flow(run.flow_id).name: run for run in runs}
+    assert STAGES | {"pipeline"} <= set(names)
+    for stage in STAGES:
+        assert names[stage].state.is_completed()
+        assert names[stage].parent_task_run_id is not None
