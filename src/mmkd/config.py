@@ -53,7 +53,7 @@ class ImageConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the manifest is and how its rows are turned into tensors."""
+    """Manifest location and the decoding of its rows into tensors."""
 
     manifest: Path = Field(description="CSV, JSONL or Parquet manifest; relative to the config file.")
     modalities: list[Literal["image", "audio"]] = Field(

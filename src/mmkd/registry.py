@@ -136,11 +136,11 @@ class Registry(Generic[T]):
             )
             logger.warning("%s plugin %r failed to import; others still work", self.kind, name)
             return
-        wanted = getattr(obj, "plugin_api", None)
-        if wanted != PLUGIN_API_VERSION:
+        required_api = getattr(obj, "plugin_api", None)
+        if required_api != PLUGIN_API_VERSION:
             entry.error = (
                 f"The {self.kind} plugin {name!r} from {entry.source} was written for plugin "
-                f"API version {wanted}, but this mmkd provides version {PLUGIN_API_VERSION}. "
+                f"API version {required_api}, but this mmkd provides version {PLUGIN_API_VERSION}. "
                 f"Install a release of the plugin made for API version {PLUGIN_API_VERSION}."
             )
             logger.warning(entry.error)

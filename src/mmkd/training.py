@@ -82,7 +82,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 
 @dataclass
 class FitResult:
-    """What a training stage did: epochs run, the best epoch and its validation accuracy."""
+    """Outcome of a training stage: epochs run, the best epoch and its validation accuracy."""
 
     epochs_run: int
     best_epoch: int
