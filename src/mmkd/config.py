@@ -142,13 +142,13 @@ class DistillConfig(_Strict):
         min_length=1,
         description="The objective: the weighted sum of these named loss terms.",
     )
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, patience=6), description="Distillation schedule.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=25, patience=8), description="Distillation schedule.")
 
 
 class FinetuneConfig(_Strict):
     """Supervised finetuning of the distilled student on labels."""
 
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, lr=5e-4, patience=3), description="Finetuning schedule.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=2e-4, patience=2), description="Finetuning schedule.")
 
 
 class ExportConfig(_Strict):
