@@ -35,8 +35,7 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
         student, train, val, config.distill.train, objective,
         stage="distill", seed=config.seed + 1, device=device, extra_modules=[objective],
     )
-    training = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seconds": result.seconds,
-                "best_val_accuracy": result.best_val_accuracy, "loss_terms": objective.names}
+    training = {**result.summary(), "loss_terms": objective.names}
     return save_checkpoint(paths.distilled, student.cpu(), config, "student", dataset.classes, training=training)
 
 

@@ -30,8 +30,7 @@ def train_baseline(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -
         baseline, dataset.subset("train"), dataset.subset("val"), baseline_budget(config), cross_entropy_loss,
         stage="baseline", seed=config.seed + 1, device=device,
     )
-    training = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seconds": result.seconds}
-    return save_checkpoint(paths.baseline, baseline.cpu(), config, "baseline", dataset.classes, training=training)
+    return save_checkpoint(paths.baseline, baseline.cpu(), config, "baseline", dataset.classes, training=result.summary())
 
 
 @flow(name="evaluate", description="Test-split accuracy, macro-F1 and per-class scores of teacher, student and baseline.")

@@ -32,8 +32,7 @@ def finetune_flow(run_dir: str) -> dict:
         logger.info("Finetuning did not beat val accuracy %.4f; keeping the distilled weights", before)
     training = {
         "distill": metadata.get("training"),
-        "finetune": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seconds": result.seconds,
-                     "val_accuracy_before": before, "best_val_accuracy": result.best_val_accuracy, "kept": kept},
+        "finetune": {**result.summary(), "val_accuracy_before": before, "kept": kept},
     }
     saved = save_checkpoint(paths.student, student.cpu(), config, "student", dataset.classes, training=training)
     return {"params": saved["params"], "training": training}

@@ -24,8 +24,7 @@ def train_teacher(config: RunConfig, dataset: TensorDataset, paths: RunPaths) ->
         model, dataset.subset("train"), dataset.subset("val"), config.teacher.train, cross_entropy_loss,
         stage="teacher", seed=config.seed, device=device,
     )
-    training = {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seconds": result.seconds}
-    return save_checkpoint(paths.teacher, model.cpu(), config, "teacher", dataset.classes, training=training)
+    return save_checkpoint(paths.teacher, model.cpu(), config, "teacher", dataset.classes, training=result.summary())
 
 
 @flow(name="teacher", description="Train the multimodal teacher (or reuse a checkpoint) and save teacher.pt.")

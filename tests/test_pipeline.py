@@ -6,7 +6,7 @@ from prefect.client.orchestration import get_client
 
 from mmkd.flows.pipeline import pipeline_flow
 
-from conftest import write_config
+from conftest import TINY_CONFIG, write_config
 
 STAGES = {"teacher", "extract", "distill", "finetune", "evaluate", "export", "benchmark"}
 
@@ -42,3 +42,18 @@ def test_pipeline_runs_every_stage_as_a_subflow_and_writes_the_run_folder(tmp_pa
     for stage in STAGES:
         assert names[stage].state.is_completed()
         assert names[stage].parent_task_run_id is not None
+
+
+def test_second_run_with_the_same_teacher_reuses_every_cached_output(tmp_path, small_avdigits, prefect_server):
+    config = write_config(tmp_path / "configs", small_avdigits)
+    first = pipeline_flow(str(config), str(tmp_path / "runs"))
+    assert first["features"]["computed"] == 120
+
+    # The same data and the first run's teacher: nothing goes through the teacher again.
+    teacher = f"{first['run_dir']}/teacher.pt"
+    reuse = write_config(tmp_path / "reuse", small_avdigits, teacher={**TINY_CONFIG["teacher"], "checkpoint": teacher})
+    second = pipeline_flow(str(reuse), str(tmp_path / "runs"))
+    assert second["features"]["computed"] == 0
+    assert second["features"]["reused"] == 120
+    assert second["teacher"]["fingerprint"] == first["teacher"]["fingerprint"]
+    assert second["teacher"]["test"]["accuracy"] == first["teacher"]["test"]["accuracy"]

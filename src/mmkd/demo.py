@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 # --quick: 40% of the data and short schedules, to see every stage run in about two minutes.
 QUICK_PER_DIGIT = 100
 QUICK_OVERRIDES = {
-    "teacher": {"train": {"epochs": 8, "batch_size": 32, "patience": 4}},
-    "distill": {"train": {"epochs": 12, "batch_size": 32, "patience": 6}},
+    "teacher": {"train": {"epochs": 10, "batch_size": 32, "patience": 4}},
+    "distill": {"train": {"epochs": 20, "batch_size": 32, "patience": 8}},
     "finetune": {"train": {"epochs": 2, "batch_size": 32, "patience": 2}},
     "benchmark": {"warmup": 5, "iterations": 30},
 }

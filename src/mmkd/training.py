@@ -90,6 +90,15 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
+    def summary(self) -> dict:
+        """Return what a checkpoint records of its training: epochs, best epoch, accuracy, time."""
+        return {
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "best_val_accuracy": self.best_val_accuracy,
+            "seconds": self.seconds,
+        }
+
 
 def fit(
     model: nn.Module,
