@@ -22,6 +22,24 @@ def test_bad_config_exits_2_with_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_run_with_a_missing_file_exits_1_naming_the_row_without_traceback(tmp_path, small_avdigits, capsys):
+    import shutil
+
+    from conftest import write_config
+
+    data = tmp_path / "data"
+    shutil.copytree(small_avdigits.parent, data)
+    frame = pd.read_csv(data / "manifest.csv", dtype=str)
+    (data / frame.loc[4, "image"]).unlink()
+    config = write_config(tmp_path, data / "manifest.csv")
+    status = main(["run", str(config), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert f"row 5 (id '{frame.loc[4, 'id']}'), column 'image'" in err
+    assert "the file does not exist" in err
+    assert "Traceback" not in err
+
+
 def test_missing_fsdd_folder_exits_1_saying_what_to_pass(tmp_path, capsys):
     status = main(["demo", "--out", str(tmp_path / "demo"), "--fsdd-dir", str(tmp_path / "nowhere"), "--quick"])
     err = capsys.readouterr().err

@@ -60,10 +60,14 @@ def _configure_logging() -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "run":
         from mmkd.config import load_config
+        from mmkd.data.loading import load_dataset
         from mmkd.flows.pipeline import pipeline_flow
         from mmkd.reports import summary_table
 
-        load_config(args.config)  # fail on a bad config before Prefect starts
+        # A bad config or an unreadable file fails here with one message, before Prefect starts;
+        # the decoded tensors land in the cache that every stage then reuses.
+        config = load_config(args.config)
+        load_dataset(config.data, cache_dir=args.out / "cache")
         result = pipeline_flow(str(args.config), str(args.out), seed=args.seed)
         print(summary_table(result, result["benchmark"]))
         print(f"\nRun folder: {result['run_dir']}")

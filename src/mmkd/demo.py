@@ -10,7 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from mmkd.config import load_config
 from mmkd.data.avdigits import build_avdigits
+from mmkd.data.loading import load_dataset
 from mmkd.reports import summary_table
 from mmkd.runs import atomic_write_json, atomic_write_text
 
@@ -71,6 +73,7 @@ def run_demo(
     )
     logger.info("Dataset manifest %s", manifest)
     config_path = write_demo_config(out_dir, quick=quick)
+    load_dataset(load_config(config_path).data, cache_dir=out_dir / "runs" / "cache")
 
     results = []
     for seed in range(seeds):
