@@ -38,6 +38,8 @@ from mmkd.manifest import DEFAULT_SPLIT_FRACTIONS, SPLITS, assign_split, write_m
 
 logger = logging.getLogger(__name__)
 
+# NOTE: the download path is tested with local zip archives only; fetching this URL and
+# the archive's folder layout at this commit have not been checked from a networked machine.
 FSDD_COMMIT = "26eb9aa"
 FSDD_ARCHIVE_URL = (
     f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.zip"
