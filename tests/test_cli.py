@@ -79,6 +79,11 @@ def test_plugins_command_lists_the_built_in_plugins(capsys):
         assert entry in listed
 
 
+def test_plugins_list_says_when_a_kind_has_no_plugins(capsys):
+    assert main(["plugins", "list", "--kind", "alignment"]) == 0
+    assert capsys.readouterr().out.split() == ["alignment", "(no", "plugins", "installed)"]
+
+
 def test_installed_console_command_reports_a_missing_config_without_traceback(tmp_path):
     command = Path(sys.executable).parent / "mmkd"
     result = subprocess.run(

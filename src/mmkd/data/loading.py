@@ -100,6 +100,11 @@ def decode_audio(path: Path, config: AudioConfig) -> np.ndarray:
         raw = wav.readframes(frames)
     if width != 2:
         raise ValueError(f"expected 16-bit PCM samples, found {8 * width}-bit")
+    if len(raw) < frames * channels * width:
+        raise ValueError(
+            f"the file is truncated: its header declares {frames} frames but it holds "
+            f"{len(raw) // (channels * width)}"
+        )
     if rate != config.sample_rate_hz:
         raise ValueError(
             f"expected {config.sample_rate_hz} Hz, found {rate} Hz; resample the file or set "
