@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from importlib import resources
@@ -18,7 +17,7 @@ from mmkd.runs import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# --quick: 40% of the data and short schedules, to see every stage run in about two minutes.
+# --quick: 40% of the pairs and short schedules, so every stage runs in under two minutes.
 QUICK_PER_DIGIT = 100
 QUICK_OVERRIDES = {
     "teacher": {"train": {"epochs": 10, "batch_size": 32, "patience": 4}},
@@ -110,7 +109,3 @@ def format_summary(summary: dict) -> str:
         )
     return "\n\n".join(parts)
 
-
-def summary_json(summary: dict) -> str:
-    """Return the summary without the rendered tables, as JSON."""
-    return json.dumps({k: v for k, v in summary.items() if k != "tables"}, indent=2)
