@@ -18,8 +18,10 @@ def test_wheel_maps_flows_and_plugins_into_the_mmkd_package(tmp_path):
     top_level = {name.split("/")[0] for name in names}
     assert top_level == {"mmkd", next(n for n in top_level if n.endswith(".dist-info"))}
     for module in ("mmkd/flows/pipeline.py", "mmkd/flows/teacher.py", "mmkd/plugins/fusion.py",
-                   "mmkd/plugins/losses.py", "mmkd/configs/avdigits.yaml"):
+                   "mmkd/plugins/losses.py", "mmkd/configs/avdigits.yaml", "mmkd/validation/probes.py"):
         assert module in names
+    for init in (ROOT / "src" / "mmkd").rglob("__init__.py"):
+        assert f"mmkd/{init.parent.relative_to(ROOT / 'src' / 'mmkd').as_posix()}/__init__.py".replace("mmkd/./", "mmkd/") in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "[mmkd.losses]\nhinton = mmkd.plugins.losses:HintonLoss" in entry_points
     assert "mmkd = mmkd.cli:main" in entry_points

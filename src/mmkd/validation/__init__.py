@@ -1,0 +1,1 @@
+"""Checks of a manifest's rows and files before any training starts."""
