@@ -39,6 +39,7 @@ def make_probes(rows: int = 6) -> pd.DataFrame:
             "image_height": image_value(28),
             "image_channels": image_value(1),
             "audio_exists": [True] * rows,
+            "audio_inside_root": [True] * rows,
             "audio_decodes": [True] * rows,
             "audio_sample_rate_hz": [8000] * rows,
             "audio_channels": [1] * rows,

@@ -90,9 +90,8 @@ def _modality_checks(
     flags = {
         "exists": "the file exists",
         "decodes": "the file decodes",
+        "inside_root": "the path resolves inside the dataset root",
     }
-    if modality == "image":
-        flags["inside_root"] = "the path resolves inside the dataset root"
     return [
         Check(
             name=f"{modality}_{flag}",
