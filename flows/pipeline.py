@@ -15,12 +15,13 @@ from mmkd.flows.export import export_flow
 from mmkd.flows.extract import extract_flow
 from mmkd.flows.finetune import finetune_flow
 from mmkd.flows.teacher import teacher_flow
+from mmkd.flows.validate import validate_flow
 from mmkd.flows._common import flow_logger
 from mmkd.runs import atomic_write_json, new_run_dir
 from mmkd.training import resolve_device
 
 
-@flow(name="pipeline", description="teacher, extract, distill, finetune, evaluate, export and benchmark in one run.")
+@flow(name="pipeline", description="validate, teacher, extract, distill, finetune, evaluate, export and benchmark in one run.")
 def pipeline_flow(config_path: str, out_dir: str, seed: int | None = None) -> dict:
     """Run every stage for one config and write metrics.json in the new run folder.
 
@@ -40,6 +41,9 @@ def pipeline_flow(config_path: str, out_dir: str, seed: int | None = None) -> di
     run_dir = new_run_dir(Path(out_dir), f"{config.name}-seed{config.seed}")
     save_config(config, run_dir / "config.yaml")
     logger.info("Run folder %s", run_dir)
+
+    # Validation first: it stops the run or sets bad rows aside before anything trains.
+    validation = validate_flow(str(run_dir))
 
     # Teacher, its cached outputs, then the student trained against them.
     teacher = teacher_flow(str(run_dir))
@@ -65,6 +69,7 @@ def pipeline_flow(config_path: str, out_dir: str, seed: int | None = None) -> di
             "parity": parity,
         },
         "features": features,
+        "validation": validation,
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
     logger.info(

@@ -8,7 +8,7 @@ from mmkd.flows.pipeline import pipeline_flow
 
 from conftest import TINY_CONFIG, write_config
 
-STAGES = {"teacher", "extract", "distill", "finetune", "evaluate", "export", "benchmark"}
+STAGES = {"validate", "teacher", "extract", "distill", "finetune", "evaluate", "export", "benchmark"}
 
 
 def test_pipeline_runs_every_stage_as_a_subflow_and_writes_the_run_folder(tmp_path, small_avdigits, prefect_server):
@@ -57,3 +57,43 @@ def test_second_run_with_the_same_teacher_reuses_every_cached_output(tmp_path, s
     assert second["features"]["reused"] == 120
     assert second["teacher"]["fingerprint"] == first["teacher"]["fingerprint"]
     assert second["teacher"]["test"]["accuracy"] == first["teacher"]["test"]["accuracy"]
+
+
+def broken_copy(tmp_path, small_avdigits):
+    """A copy of the small data with one recording deleted and one image replaced by text."""
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "data"
+    shutil.copytree(small_avdigits.parent, data)
+    frame = pd.read_csv(data / "manifest.csv", dtype=str)
+    (data / frame.loc[3, "audio"]).unlink()
+    (data / frame.loc[7, "image"]).write_text("not an image", encoding="utf-8")
+    return data / "manifest.csv", [frame.loc[3, "id"], frame.loc[7, "id"]]
+
+
+def test_pipeline_stops_on_bad_rows_naming_each(tmp_path, small_avdigits, prefect_server):
+    import pytest
+
+    from mmkd.errors import DataError
+
+    manifest, broken_ids = broken_copy(tmp_path, small_avdigits)
+    config = write_config(tmp_path / "configs", manifest)
+    with pytest.raises(DataError, match="Validation failed") as info:
+        pipeline_flow(str(config), str(tmp_path / "runs"))
+    for row_id in broken_ids:
+        assert f"row {row_id!r}" in str(info.value)
+
+
+def test_pipeline_with_quarantine_trains_on_the_rows_kept(tmp_path, small_avdigits, prefect_server):
+    manifest, broken_ids = broken_copy(tmp_path, small_avdigits)
+    config = write_config(tmp_path / "configs", manifest,
+                          validation={"on_failure": "quarantine", "max_quarantined_fraction": 0.1})
+    result = pipeline_flow(str(config), str(tmp_path / "runs"))
+    validation = result["validation"]
+    assert (validation["rows_in"], validation["rows_kept"], validation["rows_quarantined"]) == (120, 118, 2)
+    assert result["features"]["rows"] == 118
+    quarantine = (tmp_path / "runs" / result["run_dir"].split("/")[-1] / "validation" / "quarantine.csv").read_text()
+    for row_id in broken_ids:
+        assert row_id in quarantine

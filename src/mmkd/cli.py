@@ -25,6 +25,10 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, required=True, help="Folder for run folders and shared caches.")
     run.add_argument("--seed", type=int, default=None, help="Replace the config's seed.")
 
+    validate = commands.add_parser("validate", help="Check the config's manifest and the files it names.")
+    validate.add_argument("config", type=Path, help="YAML run config.")
+    validate.add_argument("--out", type=Path, required=True, help="Folder for validation.json, quarantine.csv and Data Docs.")
+
     demo = commands.add_parser(
         "demo", help="Build the audio-visual digits data and run the pipeline on it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -70,14 +74,24 @@ def _run(args: argparse.Namespace) -> int:
         from mmkd.flows.pipeline import pipeline_flow
         from mmkd.reports import summary_table
 
-        # A bad config or an unreadable file fails here with one message, before Prefect starts;
-        # the decoded tensors land in the cache that every stage then reuses.
+        # A bad config, or with the stop policy an unreadable file, fails here with one message
+        # before Prefect starts; the decoded tensors land in the cache every stage reuses.
         config = load_config(args.config)
-        load_dataset(config.data, cache_dir=args.out / "cache")
+        if config.validation.on_failure == "stop":
+            load_dataset(config.data, cache_dir=args.out / "cache")
         result = pipeline_flow(str(args.config), str(args.out), seed=args.seed)
         print(summary_table(result, result["benchmark"]))
         print(f"\nRun folder: {result['run_dir']}")
         return 0
+
+    if args.command == "validate":
+        from mmkd.config import load_config
+        from mmkd.validation.validate import validate_manifest
+
+        result = validate_manifest(load_config(args.config), args.out)
+        print(f"{'passed' if result.passed else 'FAILED'}: {result.message}")
+        print(f"rows in {result.rows_in}, kept {result.rows_kept}, quarantined {result.rows_quarantined}; report {result.report}")
+        return 0 if result.passed else RUN_ERROR
 
     if args.command == "demo":
         from mmkd.demo import format_summary, run_demo

@@ -56,6 +56,9 @@ class DataConfig(_Strict):
     """Manifest location and the decoding of its rows into tensors."""
 
     manifest: Path = Field(description="CSV, JSONL or Parquet manifest; relative to the config file.")
+    root: Path | None = Field(
+        None, description="Folder the manifest's file paths are relative to; by default the manifest's folder."
+    )
     modalities: list[Literal["image", "audio"]] = Field(
         default_factory=lambda: list(MODALITIES), min_length=1, description="Modalities the models read."
     )
@@ -174,6 +177,18 @@ class ExportConfig(_Strict):
     )
 
 
+class ValidationConfig(_Strict):
+    """What the validate stage checks and what it does with rows that fail."""
+
+    on_failure: Literal["stop", "quarantine"] = Field(
+        "stop", description="stop: fail the run on any critical problem. quarantine: set the bad rows aside."
+    )
+    max_quarantined_fraction: float = Field(
+        0.05, ge=0, le=1, description="With quarantine, fail anyway when more than this fraction of rows is set aside."
+    )
+    min_rows_per_class: int = Field(1, ge=0, le=10**9, description="Fewest rows each class must keep.")
+
+
 class BenchmarkConfig(_Strict):
     """ONNX Runtime against PyTorch eager latency measurement."""
 
@@ -202,6 +217,7 @@ class RunConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="The distillation objective and schedule.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Finetuning on labels after distillation.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export settings.")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation rules and policy.")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Latency measurement settings.")
     feature_store: Path | None = Field(
         None, description="Folder of cached teacher outputs; by default feature-store/ beside the runs."
@@ -298,6 +314,8 @@ def config_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str = "conf
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe_errors(exc, RunConfig)}") from None
     config.data.manifest = (base_dir / config.data.manifest).resolve()
+    if config.data.root is not None:
+        config.data.root = (base_dir / config.data.root).resolve()
     if config.teacher.checkpoint is not None:
         config.teacher.checkpoint = (base_dir / config.teacher.checkpoint).resolve()
     if config.feature_store is not None:

@@ -156,6 +156,7 @@ def read_manifest(
     modalities: Sequence[str] | None = None,
     split_fractions: Mapping[str, float] | None = None,
     split_salt: str = "",
+    root: str | Path | None = None,
 ) -> Manifest:
     """Read and validate a manifest, assigning splits where it has none.
 
@@ -169,12 +170,15 @@ def read_manifest(
         split_fractions: Fractions used for rows without a split. Defaults to
             `DEFAULT_SPLIT_FRACTIONS`.
         split_salt: Salt for the id hash; see `assign_split`.
+        root: Folder the image and audio paths are relative to; by default the
+            manifest's own folder.
 
     Raises:
         DataError: The file is missing, unreadable or of an unsupported type, or a
             column or cell is invalid. The message names the file, row and column.
     """
     path = Path(path).resolve()
+    data_root = Path(root).resolve() if root is not None else path.parent
     kind = _format_of(path)
     fractions = DEFAULT_SPLIT_FRACTIONS if split_fractions is None else split_fractions
     bounds = _split_bounds(fractions)
@@ -216,7 +220,7 @@ def read_manifest(
         for column in present:
             value = text[column][i]
             if column in PATH_MODALITIES and value is not None:
-                _check_relative_path(value, place(i, column), path.parent)
+                _check_relative_path(value, place(i, column), data_root)
 
     splits, split_assigned = _splits(text, bounds, split_salt, place)
 
@@ -232,7 +236,7 @@ def read_manifest(
             columns[column] = raw[column].reset_index(drop=True)
     return Manifest(
         path=path,
-        root=path.parent,
+        root=data_root,
         frame=pd.DataFrame(columns),
         modalities=present,
         split_assigned=split_assigned,

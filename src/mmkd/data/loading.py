@@ -147,7 +147,9 @@ def load_dataset(data: DataConfig, *, cache_dir: Path | None = None) -> TensorDa
         DataError: a file is missing or does not decode; the message names the row id,
             the manifest, the path and the reason.
     """
-    manifest = read_manifest(data.manifest, modalities=data.modalities, split_fractions=data.split_fractions)
+    manifest = read_manifest(
+        data.manifest, modalities=data.modalities, split_fractions=data.split_fractions, root=data.root
+    )
     if data.max_rows is not None:
         manifest = Manifest(
             path=manifest.path,

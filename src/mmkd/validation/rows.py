@@ -43,6 +43,15 @@ def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value)) and value is not pd.NA
 
 
+def _is_false(value: Any) -> bool:
+    """True for False in any of the forms a probe table read back from CSV may hold."""
+    return _present(value) and str(value).strip().lower() in ("false", "0")
+
+
+def _is_true(value: Any) -> bool:
+    return _present(value) and str(value).strip().lower() in ("true", "1")
+
+
 def add_dataset_columns(probes: pd.DataFrame) -> pd.DataFrame:
     """Return a copy of `probes` with columns that compare rows with each other.
 
@@ -91,11 +100,11 @@ def row_problems(
         add("id_unique", "id", row_id, f"id {row_id!r} is used by {int(record['id_count'])} rows (give each row its own id)")
 
     for modality in MODALITY_FILES:
-        if not record.get(f"has_{modality}"):
+        if not _is_true(record.get(f"has_{modality}")):
             continue
         path = record.get(f"{modality}_path")
         error = record.get(f"{modality}_error")
-        if record.get(f"{modality}_inside_root") is False:
+        if _is_false(record.get(f"{modality}_inside_root")):
             add(f"{modality}_inside_root", modality, path,
                 f"{modality} {path!r} lies outside the data root (use a path inside the manifest's folder)")
         elif _present(error) and error:
@@ -106,15 +115,15 @@ def row_problems(
                 f"{modality} {path!r} has the same content as a file in another split (remove the copy or move the rows to one split)")
 
     rate = record.get("audio_sample_rate_hz")
-    if record.get("has_audio") and _present(rate) and int(rate) != sample_rate_hz:
+    if _is_true(record.get("has_audio")) and _present(rate) and int(rate) != sample_rate_hz:
         add("audio_sample_rate", "audio", record.get("audio_path"),
             f"audio {record.get('audio_path')!r} is {int(rate)} Hz, expected {sample_rate_hz} Hz "
             "(set data.audio.sample_rate_hz or resample the file)")
     nonfinite = record.get("audio_nonfinite")
-    if record.get("has_audio") and _present(nonfinite) and int(nonfinite) > 0:
+    if _is_true(record.get("has_audio")) and _present(nonfinite) and int(nonfinite) > 0:
         add("audio_finite", "audio", record.get("audio_path"),
             f"audio {record.get('audio_path')!r} has {int(nonfinite)} NaN or infinite samples (repair or remove the file)")
-    if record.get("has_text") and record.get("text_blank"):
+    if _is_true(record.get("has_text")) and _is_true(record.get("text_blank")):
         add("text_not_blank", "text", "", "the text is empty or only whitespace (fill it in or leave the modality out)")
 
     label_count = record.get("content_label_count")

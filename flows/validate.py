@@ -1,0 +1,68 @@
+"""Validate flow: check the manifest and its files before any training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.context import FlowRunContext
+
+from mmkd.config import load_config, save_config
+from mmkd.errors import DataError
+from mmkd.flows._common import RunPaths, flow_logger
+from mmkd.validation.validate import ValidationResult, validate_manifest
+
+
+def _publish(result: ValidationResult, report: dict) -> None:
+    """Show the outcome as Prefect table and markdown artifacts when running as a flow."""
+    if FlowRunContext.get() is None:
+        return
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_table_artifact(
+        key="validation-checks",
+        table=[{"check": c["name"], "severity": c["severity"], "success": c["success"],
+                "unexpected": c.get("unexpected_count")} for c in report["checks"]],
+        description="Great Expectations checks over the probe table",
+    )
+    create_markdown_artifact(
+        key="validation-summary",
+        markdown=(
+            f"## Validation {'passed' if result.passed else 'failed'}\n\n{result.message}\n\n"
+            f"| rows in | kept | quarantined | critical check failures |\n| ---: | ---: | ---: | ---: |\n"
+            f"| {result.rows_in} | {result.rows_kept} | {result.rows_quarantined} | {result.critical_failures} |\n\n"
+            f"Report: `{result.report}`  \nData Docs: `{report['data_docs_index']}`\n"
+        ),
+        description="Data validation summary",
+    )
+
+
+@flow(name="validate", description="Probe every row, run the Great Expectations checks, quarantine or stop.")
+def validate_flow(run_dir: str) -> dict:
+    """Validate the run's data; with quarantined rows, point the run's config at the clean manifest.
+
+    Raises:
+        DataError: validation failed; the message names the report with every problem.
+    """
+    import json
+
+    logger = flow_logger()
+    paths = RunPaths(Path(run_dir))
+    config = load_config(paths.config)
+    result = validate_manifest(config, paths.run_dir / "validation")
+    report = json.loads(result.report.read_text(encoding="utf-8"))
+    _publish(result, report)
+
+    if not result.passed:
+        shown = "; ".join(p["message"] for p in report["problems"][:10])
+        more = f" and {len(report['problems']) - 10} more" if len(report["problems"]) > 10 else ""
+        raise DataError(f"Validation failed: {result.message}. {shown}{more}. Every problem is in {result.report}.")
+
+    # Later stages read only the rows validation kept.
+    if result.rows_quarantined:
+        data = config.data.model_copy(update={"manifest": result.clean_manifest, "root": Path(report["data_root"])})
+        save_config(config.model_copy(update={"data": data}), paths.config)
+        logger.info("Later stages read %s (%d rows set aside)", result.clean_manifest, result.rows_quarantined)
+    return {"passed": result.passed, "rows_in": result.rows_in, "rows_kept": result.rows_kept,
+            "rows_quarantined": result.rows_quarantined, "critical_failures": result.critical_failures,
+            "report": str(result.report)}
