@@ -303,3 +303,16 @@ def test_writing_to_unknown_extension_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"unsupported file type \(\.xlsx\)"):
         write_manifest(frame, tmp_path / "m.xlsx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_csv_with_byte_order_mark_crlf_and_unicode_names_reads_cleanly(tmp_path):
+    (tmp_path / "ñandú.png").write_bytes(b"")
+    (tmp_path / "m.csv").write_bytes(
+        "\ufeffid,label,image,notes\r\na,1,ñandú.png,first\r\nb,2,ñandú.png,second\r\n".encode("utf-8")
+    )
+    manifest = read_manifest(tmp_path / "m.csv")
+    assert list(manifest.frame["id"]) == ["a", "b"]
+    assert list(manifest.frame["image"]) == ["ñandú.png", "ñandú.png"]
+    assert manifest.resolve("ñandú.png") == tmp_path / "ñandú.png"
+    # An extra column is kept, not an error.
+    assert list(manifest.frame["notes"]) == ["first", "second"]
