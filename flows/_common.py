@@ -1,4 +1,4 @@
-"""What every stage flow shares: the run folder's layout and loading the run's inputs."""
+"""Helpers shared by the stage flows: the run folder's layout and loading the run's inputs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mmkd.data.loading import TensorDataset, load_dataset
 
 @dataclass(frozen=True)
 class RunPaths:
-    """The files of one pipeline run; the run folder's parent holds shared caches."""
+    """Paths of one pipeline run's files. The run folder's parent contains the shared caches."""
 
     run_dir: Path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow
@@ -44,8 +45,6 @@ def validate_flow(run_dir: str) -> dict:
     Raises:
         DataError: validation failed; the message names the report with every problem.
     """
-    import json
-
     logger = flow_logger()
     paths = RunPaths(Path(run_dir))
     config = load_config(paths.config)
@@ -54,9 +53,9 @@ def validate_flow(run_dir: str) -> dict:
     _publish(result, report)
 
     if not result.passed:
-        shown = "; ".join(p["message"] for p in report["problems"][:10])
+        first_problems = "; ".join(p["message"] for p in report["problems"][:10])
         more = f" and {len(report['problems']) - 10} more" if len(report["problems"]) > 10 else ""
-        raise DataError(f"Validation failed: {result.message}. {shown}{more}. Every problem is in {result.report}.")
+        raise DataError(f"Validation failed: {result.message}. {first_problems}{more}. Every problem is in {result.report}.")
 
     # Later stages read only the rows validation kept.
     if result.rows_quarantined:

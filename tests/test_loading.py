@@ -104,7 +104,7 @@ def test_truncated_image_stops_with_the_reason(data_folder):
 def test_truncated_recording_stops_with_the_frame_counts(data_folder):
     data = (data_folder / "1_george_0.wav").read_bytes()
     (data_folder / "1_george_0.wav").write_bytes(data[:100])
-    with pytest.raises(DataError, match=r"row 2 \(id 'b'\), column 'audio': .*because it does not decode: the file is truncated: its header declares \d+ frames but it holds 28"):
+    with pytest.raises(DataError, match=r"row 2 \(id 'b'\), column 'audio': .*because it does not decode: the file is truncated: its header declares \d+ frames but it contains 28"):
         load_dataset(DataConfig(manifest=write_manifest(data_folder, rows_for(data_folder))))
 
 

@@ -32,9 +32,9 @@ def create_session(path: Path, providers: list[str], *, threads: int) -> tuple[o
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     available = ort.get_available_providers()
-    wanted = [p for p in providers if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
-    unavailable = {p: "not in this onnxruntime build" for p in wanted if p not in available}
-    try_list = [p for p in wanted if p in available]
+    requested_order = [p for p in providers if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
+    unavailable = {p: "not in this onnxruntime build" for p in requested_order if p not in available}
+    try_list = [p for p in requested_order if p in available]
     session = ort.InferenceSession(str(path), sess_options=options, providers=try_list)
     used = session.get_providers()
     not_loaded = dict(unavailable)

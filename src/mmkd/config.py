@@ -178,7 +178,7 @@ class ExportConfig(_Strict):
 
 
 class ValidationConfig(_Strict):
-    """What the validate stage checks and what it does with rows that fail."""
+    """Rules of the validate stage and the policy for rows that fail them."""
 
     on_failure: Literal["stop", "quarantine"] = Field(
         "stop", description="stop: fail the run on any critical problem. quarantine: set the bad rows aside."
@@ -186,7 +186,7 @@ class ValidationConfig(_Strict):
     max_quarantined_fraction: float = Field(
         0.05, ge=0, le=1, description="With quarantine, fail anyway when more than this fraction of rows is set aside."
     )
-    min_rows_per_class: int = Field(1, ge=0, le=10**9, description="Fewest rows each class must keep.")
+    min_rows_per_class: int = Field(1, ge=0, le=10**9, description="Minimum number of rows each class must keep.")
 
 
 class BenchmarkConfig(_Strict):

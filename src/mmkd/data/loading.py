@@ -102,7 +102,7 @@ def decode_audio(path: Path, config: AudioConfig) -> np.ndarray:
         raise ValueError(f"expected 16-bit PCM samples, found {8 * width}-bit")
     if len(raw) < frames * channels * width:
         raise ValueError(
-            f"the file is truncated: its header declares {frames} frames but it holds "
+            f"the file is truncated: its header declares {frames} frames but it contains "
             f"{len(raw) // (channels * width)}"
         )
     if rate != config.sample_rate_hz:
@@ -114,7 +114,7 @@ def decode_audio(path: Path, config: AudioConfig) -> np.ndarray:
     if channels > 1:
         samples = samples.reshape(-1, channels).mean(axis=1)
     if samples.size == 0:
-        raise ValueError("the recording holds no samples")
+        raise ValueError("the recording contains no samples")
     target = config.num_samples
     if samples.size > target:
         start = (samples.size - target) // 2

@@ -118,15 +118,16 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
     # The Great Expectations suite runs over the rows that stay, with the cross-row
     # columns computed again among them.
     if policy.on_failure == "quarantine":
-        kept = add_dataset_columns(raw[~raw["id"].astype(str).isin(quarantined)])
+        kept_probes = add_dataset_columns(raw[~raw["id"].astype(str).isin(quarantined)])
     else:
-        kept = probes
+        kept_probes = probes
     checks = build_checks(
         classes=classes, sample_rate_hz=data.audio.sample_rate_hz, min_rows_per_class=policy.min_rows_per_class
     ) + _dataset_checks()
-    suite = run_suite(kept.reset_index(drop=True), checks, run_dir=out_dir)
+    suite = run_suite(kept_probes.reset_index(drop=True), checks, run_dir=out_dir)
 
     fraction = len(quarantined) / rows_in if rows_in else 0.0
+    rows_quarantined = len(quarantined) if policy.on_failure == "quarantine" else 0
     if policy.on_failure == "stop":
         passed = not problems and suite["critical_failures"] == 0
         message = (f"{len(problems)} of {rows_in} rows have critical problems" if problems
@@ -136,7 +137,7 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
         passed = fraction <= policy.max_quarantined_fraction and suite["critical_failures"] == 0
         message = (f"{len(quarantined)} of {rows_in} rows set aside ({fraction:.1%}, limit "
                    f"{policy.max_quarantined_fraction:.1%}); {suite['critical_failures']} critical checks failed on the rest")
-        rows_kept = rows_in - len(quarantined)
+        rows_kept = rows_in - rows_quarantined
     if passed:
         message = f"{rows_kept} of {rows_in} rows kept"
 
@@ -154,7 +155,7 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
         "data_root": str(manifest.root),
         "rows_in": rows_in,
         "rows_kept": rows_kept,
-        "rows_quarantined": len(quarantined) if policy.on_failure == "quarantine" else 0,
+        "rows_quarantined": rows_quarantined,
         "rows_with_problems": len(problems),
         "problems": [p.__dict__ for found in problems.values() for p in found],
         "checks": suite["checks"],
@@ -171,7 +172,7 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
         passed=passed,
         rows_in=rows_in,
         rows_kept=rows_kept,
-        rows_quarantined=len(quarantined) if policy.on_failure == "quarantine" else 0,
+        rows_quarantined=rows_quarantined,
         critical_failures=suite["critical_failures"],
         report=report,
         clean_manifest=clean_manifest,
