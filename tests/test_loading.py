@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mmkd.config import DataConfig
-from mmkd.data.loading import decode_audio, load_dataset
+from mmkd.data.loading import decode_audio, decode_image, load_dataset
 from mmkd.errors import DataError
 
 from conftest import FSDD_DIR, require_shared_data
@@ -104,7 +104,7 @@ def test_truncated_image_stops_with_the_reason(data_folder):
 def test_truncated_recording_stops_with_the_frame_counts(data_folder):
     data = (data_folder / "1_george_0.wav").read_bytes()
     (data_folder / "1_george_0.wav").write_bytes(data[:100])
-    with pytest.raises(DataError, match=r"row 2 \(id 'b'\), column 'audio': .*because it does not decode: the file is truncated: its header declares \d+ frames but it contains 28"):
+    with pytest.raises(DataError, match=r"row 2 \(id 'b'\), column 'audio': .*because it does not decode: truncated WAV: the data chunk declares \d+ bytes but the file contains only 56"):
         load_dataset(DataConfig(manifest=write_manifest(data_folder, rows_for(data_folder))))
 
 
@@ -116,7 +116,7 @@ def test_wrong_sample_rate_names_both_rates(data_folder):
         wav.writeframes(np.zeros(4000, dtype=np.int16).tobytes())
     rows = rows_for(data_folder)
     rows[0]["audio"] = "fast.wav"
-    with pytest.raises(DataError, match=r"expected 8000 Hz, found 16000 Hz"):
+    with pytest.raises(DataError, match=r"the recording is 16000 Hz, expected 8000 Hz \(set data\.audio\.resample: true"):
         load_dataset(DataConfig(manifest=write_manifest(data_folder, rows)))
 
 
@@ -148,3 +148,44 @@ def test_rows_with_identical_content_share_a_feature_key(data_folder):
     dataset = load_dataset(DataConfig(manifest=write_manifest(data_folder, rows)))
     assert dataset.keys[0] == dataset.keys[1]
     assert dataset.keys[0] != dataset.keys[2]
+
+
+def normalised(grey: float) -> float:
+    """The loader's value for a grey level in [0, 1], with the default mean and std."""
+    return (grey - 0.1307) / 0.3081
+
+
+@pytest.mark.parametrize(
+    ("make", "grey"),
+    [
+        # 16-bit grey keeps its precision: 30000 / 65535, where an 8-bit clip would give 1.0.
+        (lambda: Image.fromarray(np.full((28, 28), 30000, dtype=np.uint16)), 30000 / 65535),
+        # A palette image is read through its palette: index 1 is grey 100.
+        (lambda: palette_image(), 100 / 255),
+        # Alpha is dropped: a fully transparent grey 50 reads as grey 50.
+        (lambda: Image.new("RGBA", (28, 28), (50, 50, 50, 0)), 50 / 255),
+        # CMYK with no ink is white.
+        (lambda: Image.new("CMYK", (28, 28), (0, 0, 0, 0)), 1.0),
+    ],
+    ids=["16-bit", "palette", "rgba", "cmyk"],
+)
+def test_uncommon_image_modes_decode_to_the_expected_grey(tmp_path, make, grey):
+    path = tmp_path / ("x.tif" if make().mode == "CMYK" else "x.png")
+    make().save(path)
+    array = decode_image(path, DataConfig(manifest=path).image)
+    assert array.shape == (1, 28, 28)
+    assert array[0, 3, 5] == pytest.approx(normalised(grey), abs=1e-5)
+
+
+def palette_image():
+    image = Image.new("P", (28, 28), 1)
+    image.putpalette([0, 0, 0, 100, 100, 100] + [0, 0, 0] * 254)
+    return image
+
+
+def test_image_over_the_pixel_limit_is_rejected_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("L", (40, 30)).save(path)
+    config = DataConfig(manifest=path, image={"max_pixels": 1000}).image
+    with pytest.raises(ValueError, match=r"declares 40x30 = 1200 pixels, above data\.image\.max_pixels = 1000"):
+        decode_image(path, config)

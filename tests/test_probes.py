@@ -293,7 +293,7 @@ def test_mono_16_bit_wav_facts(root: Path) -> None:
     assert record["audio_sample_rate_hz"] == 8000
     assert record["audio_channels"] == 1
     assert record["audio_bit_depth"] == 16
-    assert record["audio_encoding"] == "pcm"
+    assert record["audio_encoding"] == "pcm16"
     assert record["audio_duration_s"] == pytest.approx(0.5)
     assert record["audio_peak"] == pytest.approx(max(abs(s) for s in samples) / 32768)
     assert record["audio_silent"] is False
@@ -328,7 +328,7 @@ def test_float32_wav_is_read_by_hand(root: Path) -> None:
     record = probe(root, audio="float.wav")
     assert record["audio_decodes"] is True
     assert record["audio_error"] is None
-    assert record["audio_encoding"] == "float"
+    assert record["audio_encoding"] == "float32"
     assert record["audio_bit_depth"] == 32
     assert record["audio_sample_rate_hz"] == 16000
     assert record["audio_duration_s"] == pytest.approx(4 / 16000)

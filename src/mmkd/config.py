@@ -37,6 +37,17 @@ class AudioConfig(_Strict):
     n_fft: int = Field(256, ge=16, le=8192, description="FFT window length in samples.")
     hop_length: int = Field(128, ge=1, le=8192, description="Samples between successive frames.")
     n_mels: int = Field(40, ge=4, le=256, description="Mel bands of the spectrogram.")
+    encodings: list[Literal["pcm8", "pcm16", "pcm24", "pcm32", "float32", "float64"]] = Field(
+        default_factory=lambda: ["pcm16"],
+        min_length=1,
+        description="WAV sample encodings accepted and scaled to [-1, 1]; recordings in any other are rejected.",
+    )
+    resample: bool = Field(
+        False, description="Resample recordings at another rate to sample_rate_hz instead of rejecting them."
+    )
+    downmix: bool = Field(
+        False, description="Average the channels of multi-channel recordings instead of rejecting them."
+    )
 
     @property
     def num_samples(self) -> int:
@@ -50,6 +61,21 @@ class ImageConfig(_Strict):
     channels: Literal[1, 3] = Field(1, description="1 for greyscale, 3 for RGB.")
     mean: float = Field(0.1307, description="Mean subtracted after scaling pixels to [0, 1].")
     std: float = Field(0.3081, gt=0, description="Standard deviation divided by after the mean.")
+    max_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        le=2**31 - 1,
+        description="Images whose header declares more pixels are rejected before decoding (decompression bombs).",
+    )
+
+
+class TextConfig(_Strict):
+    """Limits on the inline text of a manifest's `text` column."""
+
+    max_chars: int = Field(10_000, ge=1, le=10**8, description="Longest text accepted, in characters.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=10**7, description="Longest text accepted, in whitespace-separated words; None for no limit."
+    )
 
 
 class DataConfig(_Strict):
@@ -72,6 +98,7 @@ class DataConfig(_Strict):
     max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (for smoke runs).")
     image: ImageConfig = Field(default_factory=ImageConfig, description="Image decoding.")
     audio: AudioConfig = Field(default_factory=AudioConfig, description="Audio decoding and the log-mel front end.")
+    text: TextConfig = Field(default_factory=TextConfig, description="Limits on inline text.")
 
 
 class EncoderConfig(_Strict):

@@ -23,7 +23,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -157,11 +157,19 @@ def read_manifest(
     split_fractions: Mapping[str, float] | None = None,
     split_salt: str = "",
     root: str | Path | None = None,
+    bad_rows: Literal["raise", "keep"] = "raise",
 ) -> Manifest:
     """Read and validate a manifest, assigning splits where it has none.
 
     The format follows the extension: `.csv` or `.csv.gz`, `.jsonl` or `.ndjson`,
     `.parquet`. Files named in the manifest are not opened here.
+
+    Problems of the file as a whole (missing, unreadable, no rows, a required column
+    absent) always raise. Problems of single rows (an empty id or label, a duplicate id,
+    no modality, a path that is absolute or leads up through '..', an invalid split,
+    bytes that are not UTF-8) raise with `bad_rows="raise"`. With `bad_rows="keep"` those
+    rows are returned as written, so that the validate stage can report every one of
+    them: empty cells stay None and an invalid split keeps its text.
 
     Args:
         path: The manifest file.
@@ -172,6 +180,7 @@ def read_manifest(
         split_salt: Salt for the id hash; see `assign_split`.
         root: Folder the image and audio paths are relative to; by default the
             manifest's own folder.
+        bad_rows: "raise" or "keep"; see above.
 
     Raises:
         DataError: The file is missing, unreadable or of an unsupported type, or a
@@ -195,7 +204,16 @@ def read_manifest(
         return f"{location}, column {column!r}" if column else location
 
     text = {column: _text_column(raw, column, place) for column in _TEXT_COLUMNS if column in raw}
+    if bad_rows == "keep":
+        return _manifest(path, data_root, raw, text, present, _splits(text, bounds, split_salt, None))
 
+    for column, values in text.items():
+        for i, value in enumerate(values):
+            if value is not None and not _is_utf8(value):
+                raise DataError(
+                    f"{place(i, column)}: the cell is not valid UTF-8 text ({value!r}). "
+                    "Save the manifest with UTF-8 encoding."
+                )
     first_row: dict[str, int] = {}
     for i, (row_id, label) in enumerate(zip(text["id"], text["label"])):
         for column, value in (("id", row_id), ("label", label)):
@@ -222,25 +240,37 @@ def read_manifest(
             if column in PATH_MODALITIES and value is not None:
                 _check_relative_path(value, place(i, column), data_root)
 
-    splits, split_assigned = _splits(text, bounds, split_salt, place)
+    return _manifest(path, data_root, raw, text, present, _splits(text, bounds, split_salt, place))
 
+
+def _manifest(
+    path: Path,
+    root: Path,
+    raw: pd.DataFrame,
+    text: Mapping[str, list[str | None]],
+    present: tuple[str, ...],
+    splits: tuple[list[str | None], bool],
+) -> Manifest:
     columns: dict[str, pd.Series] = {
-        "id": pd.Series(text["id"]),
-        "label": pd.Series(text["label"]),
-        "split": pd.Series(splits),
+        "id": pd.Series(text["id"], dtype=object),
+        "label": pd.Series(text["label"], dtype=object),
+        "split": pd.Series(splits[0], dtype=object),
     }
     for column in present:
         columns[column] = pd.Series(text[column], dtype=object)
     for column in raw.columns:
         if column not in columns and column not in MODALITIES:
             columns[column] = raw[column].reset_index(drop=True)
-    return Manifest(
-        path=path,
-        root=data_root,
-        frame=pd.DataFrame(columns),
-        modalities=present,
-        split_assigned=split_assigned,
-    )
+    return Manifest(path=path, root=root, frame=pd.DataFrame(columns), modalities=present, split_assigned=splits[1])
+
+
+def _is_utf8(value: str) -> bool:
+    """Tell whether text decoded with errors="surrogateescape" came from valid UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -321,11 +351,15 @@ def _format_of(path: Path) -> str:
 def _read_csv(path: Path) -> tuple[pd.DataFrame, list[str]]:
     try:
         # Only empty cells count as missing, so an id such as "NA" stays text.
+        # Bytes that are not UTF-8 become lone surrogates, so that the rows holding them
+        # can be named instead of the whole file failing.
         frame = pd.read_csv(
             path,
             dtype={column: str for column in _TEXT_COLUMNS},
             keep_default_na=False,
             na_values=[""],
+            encoding="utf-8",
+            encoding_errors="surrogateescape",
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
         raise DataError(f"Manifest {path} is not a readable CSV file: {error}") from error
@@ -340,7 +374,7 @@ def _csv_record_lines(path: Path) -> list[int]:
     """Return the line each data record starts on, counting quoted line breaks."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     starts: list[int] = []
-    with opener(path, "rt", encoding="utf-8", newline="") as stream:
+    with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline="") as stream:
         reader = csv.reader(stream)
         previous_end = 0
         for record in reader:
@@ -354,7 +388,7 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[str]]:
     records: list[dict[str, Any]] = []
     where: list[str] = []
     try:
-        with open(path, encoding="utf-8") as stream:
+        with open(path, encoding="utf-8", errors="surrogateescape") as stream:
             for number, line in enumerate(stream, start=1):
                 if not line.strip():
                     continue
@@ -474,17 +508,21 @@ def _splits(
     text: Mapping[str, list[str | None]],
     bounds: list[tuple[str, float]],
     salt: str,
-    place: Callable[[int, str | None], str],
-) -> tuple[list[str], bool]:
+    place: Callable[[int, str | None], str] | None,
+) -> tuple[list[str | None], bool]:
+    """Return each row's split, assigning one from the id hash where the cell is empty.
+
+    With `place` None, an invalid split is kept as written and a row without id or split
+    gets None, for the validate stage to report; otherwise an invalid split raises.
+    """
     split_cells = text.get("split", [None] * len(text["id"]))
-    splits: list[str] = []
+    splits: list[str | None] = []
     assigned = False
     for i, (row_id, split) in enumerate(zip(text["id"], split_cells)):
         if split is None:
-            assert row_id is not None
-            splits.append(_split_from_hash(row_id, bounds, salt))
+            splits.append(_split_from_hash(row_id, bounds, salt) if row_id is not None else None)
             assigned = True
-        elif split in SPLITS:
+        elif split in SPLITS or place is None:
             splits.append(split)
         else:
             raise DataError(

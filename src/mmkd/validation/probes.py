@@ -17,9 +17,7 @@ import os
 import posixpath
 import re
 import stat
-import struct
 import time
-import wave
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,13 +27,15 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from mmkd.config import ImageConfig
+from mmkd.data import wav
 from mmkd.manifest import Manifest
 from mmkd.runs import atomic_write
 
 logger = logging.getLogger(__name__)
 
-MAX_IMAGE_PIXELS = 64_000_000
-"""Images whose header declares more pixels than this are reported, never decoded."""
+MAX_IMAGE_PIXELS: int = ImageConfig.model_fields["max_pixels"].default
+"""Default pixel limit: images whose header declares more are reported, never decoded."""
 
 SILENCE_PEAK = 1e-4
 """A recording whose peak absolute sample is below this counts as silent."""
@@ -46,7 +46,7 @@ _AUDIO_FIELDS = (
     "sample_rate_hz", "channels", "bit_depth", "encoding",
     "duration_s", "peak", "silent", "nonfinite",
 )
-_TEXT_FIELDS = ("chars", "tokens", "blank", "sha256")
+_TEXT_FIELDS = ("chars", "tokens", "blank", "utf8", "sha256")
 
 PROBE_COLUMNS: tuple[str, ...] = (
     "row_number", "id", "label", "split", "has_image", "has_audio", "has_text",
@@ -56,10 +56,6 @@ PROBE_COLUMNS: tuple[str, ...] = (
 )
 
 _READ_BLOCK_BYTES = 1 << 20
-_WAVE_FORMAT_PCM = 1
-_WAVE_FORMAT_IEEE_FLOAT = 3
-_FLOAT_DTYPES = {32: np.dtype("<f4"), 64: np.dtype("<f8")}
-_PCM_DTYPES = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
@@ -68,7 +64,12 @@ class _BadFile(Exception):
 
 
 def probe_row(
-    row: Mapping[str, Any], *, root: Path, row_number: int, modalities: Sequence[str]
+    row: Mapping[str, Any],
+    *,
+    root: Path,
+    row_number: int,
+    modalities: Sequence[str],
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Probe one manifest row's files and text without raising on bad data.
 
@@ -78,6 +79,7 @@ def probe_row(
             never opened.
         row_number: 1-based number of the row among the manifest's data rows.
         modalities: Modality columns to probe. Fields of any other modality are None.
+        max_image_pixels: Images whose header declares more pixels are not decoded.
 
     Returns:
         A dict with exactly the keys of `PROBE_COLUMNS`.
@@ -90,7 +92,7 @@ def probe_row(
         present = value is not None and value.strip() != ""
         record[f"has_{modality}"] = present
         if present:
-            record.update(_probe_file(modality, value, root))
+            record.update(_probe_file(modality, value, root, max_image_pixels))
     text = _cell(row.get("text")) if "text" in modalities else None
     record["has_text"] = text is not None
     if text is not None:
@@ -98,12 +100,15 @@ def probe_row(
             text_chars=len(text),
             text_tokens=len(text.split()),
             text_blank=not text.strip(),
+            text_utf8=_is_utf8(text),
             text_sha256=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
         )
     return record
 
 
-def probe_manifest(manifest: Manifest, *, workers: int = 2, chunk_rows: int = 256) -> Iterator[dict[str, Any]]:
+def probe_manifest(
+    manifest: Manifest, *, workers: int = 2, chunk_rows: int = 256, max_image_pixels: int = MAX_IMAGE_PIXELS
+) -> Iterator[dict[str, Any]]:
     """Probe every row of a manifest in parallel and yield the records in manifest order.
 
     Rows go to a thread pool in chunks, and at most `workers + 1` chunks are submitted
@@ -119,6 +124,7 @@ def probe_manifest(manifest: Manifest, *, workers: int = 2, chunk_rows: int = 25
         manifest: The manifest to probe.
         workers: Threads that probe chunks at the same time.
         chunk_rows: Rows per chunk handed to one thread.
+        max_image_pixels: Images whose header declares more pixels are not decoded.
 
     Raises:
         ValueError: `workers` or `chunk_rows` is below 1.
@@ -132,7 +138,7 @@ def probe_manifest(manifest: Manifest, *, workers: int = 2, chunk_rows: int = 25
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmkd-probe") as pool:
         for start in range(0, len(frame), chunk_rows):
             rows = frame.iloc[start : start + chunk_rows].to_dict(orient="records")
-            pending.append(pool.submit(_probe_chunk, rows, manifest.root, start + 1, manifest.modalities))
+            pending.append(pool.submit(_probe_chunk, rows, manifest.root, start + 1, manifest.modalities, max_image_pixels))
             if len(pending) > workers:
                 for record in pending.popleft().result():
                     failures += _has_failure(record)
@@ -179,10 +185,12 @@ def write_probe_table(records: Iterable[dict[str, Any]], path: Path) -> int:
 
 
 def _probe_chunk(
-    rows: list[dict[str, Any]], root: Path, first_row_number: int, modalities: Sequence[str]
+    rows: list[dict[str, Any]], root: Path, first_row_number: int, modalities: Sequence[str], max_image_pixels: int
 ) -> list[dict[str, Any]]:
     return [
-        probe_row(row, root=root, row_number=first_row_number + i, modalities=modalities)
+        probe_row(
+            row, root=root, row_number=first_row_number + i, modalities=modalities, max_image_pixels=max_image_pixels
+        )
         for i, row in enumerate(rows)
     ]
 
@@ -198,6 +206,15 @@ def _cell(value: Any) -> str | None:
     return str(value)
 
 
+def _is_utf8(text: str) -> bool:
+    """Tell whether text read with errors="surrogateescape" came from valid UTF-8 bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _inside_root(value: str, root: Path) -> bool:
     """Tell whether a path cell names a file inside `root`, following symlinks."""
     if PurePosixPath(value).is_absolute() or PureWindowsPath(value).anchor:
@@ -209,11 +226,11 @@ def _inside_root(value: str, root: Path) -> bool:
     return (resolved_root / value).resolve().is_relative_to(resolved_root)
 
 
-def _probe_file(modality: str, value: str, root: Path) -> dict[str, Any]:
+def _probe_file(modality: str, value: str, root: Path, max_image_pixels: int) -> dict[str, Any]:
     facts: dict[str, Any] = {"path": value, "decodes": False}
     reason = _check_file(value, root, facts)
     if reason is None:
-        reason = _decode_file(modality, root / value, facts)
+        reason = _decode_file(modality, root / value, facts, max_image_pixels)
     if reason is not None:
         facts["error"] = reason
         logger.debug("Row file %s (%s) is invalid: %s", value, modality, reason)
@@ -252,12 +269,14 @@ def _check_file(value: str, root: Path, facts: dict[str, Any]) -> str | None:
     return None
 
 
-def _decode_file(modality: str, path: Path, facts: dict[str, Any]) -> str | None:
+def _decode_file(modality: str, path: Path, facts: dict[str, Any], max_image_pixels: int) -> str | None:
     """Decode one file, filling the modality's facts, and return why it does not decode, if it does not."""
-    decode = _probe_image if modality == "image" else _probe_audio
     try:
-        decode(path, facts)
-    except _BadFile as error:
+        if modality == "image":
+            _probe_image(path, facts, max_image_pixels)
+        else:
+            _probe_audio(path, facts)
+    except (_BadFile, wav.WavError) as error:
         return str(error)
     # Decoders of untrusted files raise many exception types (OSError, SyntaxError,
     # struct.error, ...), and one bad file must not stop the probe of the others.
@@ -279,22 +298,22 @@ def _sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _probe_image(path: Path, facts: dict[str, Any]) -> None:
+def _probe_image(path: Path, facts: dict[str, Any], max_pixels: int) -> None:
     """Read an image's header into `facts`, check its pixel count, then decode every pixel."""
     with open(path, "rb") as stream:
-        _decode_image(stream, facts)
+        _decode_image(stream, facts, max_pixels)
 
 
-def _decode_image(stream: BinaryIO, facts: dict[str, Any]) -> None:
+def _decode_image(stream: BinaryIO, facts: dict[str, Any], max_pixels: int) -> None:
     try:
         image = Image.open(stream)
     except Image.DecompressionBombError as error:
         # PIL rejects images above twice its own limit before returning the size, so
         # the pixel count comes from its message.
         found = _BOMB_PIXELS.search(str(error))
-        if found and int(found.group(1)) > MAX_IMAGE_PIXELS:
+        if found and int(found.group(1)) > max_pixels:
             raise _BadFile(
-                f"image declares {found.group(1)} pixels, above the limit of {MAX_IMAGE_PIXELS}; not decoded"
+                f"image declares {found.group(1)} pixels, above the limit of {max_pixels}; not decoded"
             ) from None
         # A caller lowered PIL.Image.MAX_IMAGE_PIXELS below this module's limit.
         raise _BadFile(f"PIL rejects the image as a decompression bomb: {error}") from None
@@ -311,10 +330,10 @@ def _decode_image(stream: BinaryIO, facts: dict[str, Any]) -> None:
         # Above PIL's own warning limit (89,478,485 pixels by default in Pillow 13),
         # Image.open has already issued a DecompressionBombWarning, and this check rejects
         # the image as well.
-        if width * height > MAX_IMAGE_PIXELS:
+        if width * height > max_pixels:
             raise _BadFile(
                 f"image declares {width}x{height} = {width * height} pixels, above the limit "
-                f"of {MAX_IMAGE_PIXELS}; not decoded"
+                f"of {max_pixels}; not decoded"
             )
         # NOTE: a caller that sets PIL.ImageFile.LOAD_TRUNCATED_IMAGES makes truncated
         # images decode here without an error.
@@ -327,108 +346,16 @@ def _decode_image(stream: BinaryIO, facts: dict[str, Any]) -> None:
 def _probe_audio(path: Path, facts: dict[str, Any]) -> None:
     """Read a WAV header into `facts`, check the data chunk's length, then scan every sample."""
     with open(path, "rb") as stream:
-        header = _read_wav_header(stream)
-    tag, channels, rate, bits, data_offset, declared, available = header
-    if tag not in (_WAVE_FORMAT_PCM, _WAVE_FORMAT_IEEE_FLOAT):
-        raise _BadFile(f"unsupported WAV encoding: format tag {tag}; only PCM (1) and IEEE float (3) are read")
+        header = wav.read_header(stream)
     facts.update(
-        sample_rate_hz=rate, channels=channels, bit_depth=bits,
-        encoding="pcm" if tag == _WAVE_FORMAT_PCM else "float",
+        sample_rate_hz=header.sample_rate_hz, channels=header.channels, bit_depth=header.bits,
+        encoding=header.encoding, duration_s=header.duration_s,
     )
-    if channels < 1 or rate < 1 or bits < 1:
-        raise _BadFile(f"corrupt WAV header: {channels} channels, {rate} Hz, {bits}-bit samples")
-    frame_bytes = channels * ((bits + 7) // 8)
-    facts["duration_s"] = declared // frame_bytes / rate
-    if available < declared:
-        raise _BadFile(
-            f"truncated WAV: the data chunk declares {declared} bytes but the file contains only {available}"
-        )
-    if declared < frame_bytes:
-        raise _BadFile("the WAV data chunk contains no samples")
-
-    if tag == _WAVE_FORMAT_PCM:
-        peak, nonfinite = _scan_pcm(path)
-    else:
-        if bits not in _FLOAT_DTYPES:
-            raise _BadFile(f"unsupported float WAV: {bits}-bit samples; only 32 and 64 are read")
-        peak, nonfinite = _scan_float(path, _FLOAT_DTYPES[bits], data_offset, declared)
-    facts.update(peak=peak, silent=peak < SILENCE_PEAK, nonfinite=nonfinite)
-
-
-def _read_wav_header(stream: BinaryIO) -> tuple[int, int, int, int, int, int, int]:
-    """Walk the RIFF chunks up to `data`.
-
-    Returns:
-        Format tag, channels, sample rate in Hz, bits per sample, offset of the sample
-        data, bytes the data chunk declares, and bytes the file contains after that offset.
-    """
-    riff = stream.read(12)
-    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
-        raise _BadFile(f"corrupt WAV header: expected 'RIFF....WAVE', found {riff[:12]!r}")
-    fmt: tuple[int, int, int, int] | None = None
-    while True:
-        chunk = stream.read(8)
-        if len(chunk) < 8:
-            raise _BadFile("corrupt WAV header: no 'data' chunk" if fmt else "corrupt WAV header: no 'fmt ' chunk")
-        name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-        if name == b"fmt ":
-            body = stream.read(size)
-            if size < 16 or len(body) < 16:
-                raise _BadFile(f"corrupt WAV header: 'fmt ' chunk of {len(body)} bytes, expected at least 16")
-            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
-            fmt = (tag, channels, rate, bits)
-            stream.seek(size % 2, os.SEEK_CUR)
-        elif name == b"data":
-            if fmt is None:
-                raise _BadFile("corrupt WAV header: 'data' chunk before the 'fmt ' chunk")
-            offset = stream.tell()
-            available = stream.seek(0, os.SEEK_END) - offset
-            return (*fmt, offset, size, available)
-        else:
-            # Chunks are padded to an even length.
-            stream.seek(size + size % 2, os.SEEK_CUR)
-
-
-def _scan_pcm(path: Path) -> tuple[float, int]:
-    """Return the peak absolute sample in [0, 1] of a PCM WAV read by the `wave` module."""
-    peak = 0.0
-    with wave.open(str(path), "rb") as wav:
-        width = wav.getsampwidth()
-        block_frames = max(1, _READ_BLOCK_BYTES // (width * wav.getnchannels()))
-        while raw := wav.readframes(block_frames):
-            peak = max(peak, _pcm_peak(raw, width))
-    return peak, 0
-
-
-def _pcm_peak(raw: bytes, width: int) -> float:
-    if width == 3:
-        triples = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-        values = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
-        values = np.where(values >= 1 << 23, values - (1 << 24), values)
-    elif width in _PCM_DTYPES:
-        values = np.frombuffer(raw, dtype=_PCM_DTYPES[width]).astype(np.int64)
-        if width == 1:
-            # 8-bit WAV samples are unsigned, centred on 128.
-            values = values - 128
-    else:
-        raise _BadFile(f"unsupported PCM sample width of {8 * width} bits")
-    full_scale = float(1 << (8 * width - 1))
-    return float(np.abs(values).max()) / full_scale if values.size else 0.0
-
-
-def _scan_float(path: Path, dtype: np.dtype, offset: int, size: int) -> tuple[float, int]:
-    """Return the peak absolute finite sample and the count of NaN and infinite samples."""
+    wav.check_complete(header)
     peak, nonfinite = 0.0, 0
-    block_bytes = _READ_BLOCK_BYTES - _READ_BLOCK_BYTES % dtype.itemsize
-    remaining = size - size % dtype.itemsize
-    with open(path, "rb") as stream:
-        stream.seek(offset)
-        while remaining > 0:
-            raw = stream.read(min(block_bytes, remaining))
-            remaining -= len(raw)
-            values = np.frombuffer(raw, dtype=dtype)
-            finite = np.isfinite(values)
-            nonfinite += int(values.size - np.count_nonzero(finite))
-            if finite.any():
-                peak = max(peak, float(np.abs(values[finite]).max()))
-    return peak, nonfinite
+    for block in wav.iter_blocks(path, header):
+        finite = np.isfinite(block)
+        nonfinite += int(block.size - np.count_nonzero(finite))
+        if finite.any():
+            peak = max(peak, float(np.abs(block[finite]).max()))
+    facts.update(peak=peak, silent=peak < SILENCE_PEAK, nonfinite=nonfinite)
