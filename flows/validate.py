@@ -53,9 +53,10 @@ def validate_flow(run_dir: str) -> dict:
     _publish(result, report)
 
     if not result.passed:
-        first_problems = "; ".join(p["message"] for p in report["problems"][:10])
-        more = f" and {len(report['problems']) - 10} more" if len(report["problems"]) > 10 else ""
-        raise DataError(f"Validation failed: {result.message}. {first_problems}{more}. Every problem is in {result.report}.")
+        problems = report["problems"]
+        listed = "".join(f" {p['message']}." for p in problems[:10])
+        listed += f" And {len(problems) - 10} more." if len(problems) > 10 else ""
+        raise DataError(f"Validation failed: {result.message}.{listed} Every problem is in {result.report}.")
 
     # Later stages read only the rows validation kept.
     if result.rows_quarantined:

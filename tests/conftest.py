@@ -74,12 +74,17 @@ TINY_CONFIG = {
     "distill": {"train": {"epochs": 2, "batch_size": 32, "patience": 2}},
     "finetune": {"train": {"epochs": 1, "batch_size": 32, "patience": 1}},
     "benchmark": {"warmup": 1, "iterations": 5, "batch_sizes": [1, 4]},
+    # 12 rows per digit leave some digits without a validation or test row.
+    "validation": {"min_rows_per_class_per_split": 0},
 }
 
 
 def write_config(folder: Path, manifest: Path, **changes) -> Path:
     """Write TINY_CONFIG with the manifest and top-level `changes` to folder/config.yaml."""
-    config = {**TINY_CONFIG, "data": {"manifest": str(manifest)}, **changes}
+    config = {**TINY_CONFIG, "data": {"manifest": str(manifest)}}
+    for key, value in changes.items():
+        # Sections are merged one level deep, so a test changes only the keys it names.
+        config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

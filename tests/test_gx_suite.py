@@ -47,6 +47,7 @@ def make_probes(rows: int = 6) -> pd.DataFrame:
             "audio_nonfinite": [0] * rows,
             "audio_silent": [False] * rows,
             "text_blank": [False] * rows,
+            "text_utf8": [True] * rows,
         }
     )
 

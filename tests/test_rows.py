@@ -1,3 +1,4 @@
+import math
 import shutil
 import wave
 
@@ -6,6 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from mmkd.config import DataConfig
 from mmkd.manifest import read_manifest
 from mmkd.validation.probes import probe_manifest
 from mmkd.validation.rows import add_dataset_columns, row_problems
@@ -13,6 +15,7 @@ from mmkd.validation.rows import add_dataset_columns, row_problems
 from conftest import FSDD_DIR, require_shared_data
 
 CLASSES = [str(d) for d in range(10)]
+DATA = DataConfig(manifest="manifest.csv")
 
 
 def write_wav(path, rate, samples):
@@ -51,7 +54,7 @@ def problems_by_row(manifest_path):
     manifest = read_manifest(manifest_path, modalities=["image", "audio"])
     table = add_dataset_columns(pd.DataFrame(list(probe_manifest(manifest))))
     return {
-        record["id"]: row_problems(record, classes=CLASSES, sample_rate_hz=8000)
+        record["id"]: row_problems(record, classes=CLASSES, data=DATA)
         for record in table.to_dict("records")
     }
 
@@ -69,7 +72,7 @@ def test_each_broken_row_gets_its_own_reason_and_clean_rows_none(broken_manifest
 def test_reasons_name_the_row_the_file_and_the_fix(broken_manifest):
     problems = problems_by_row(broken_manifest)
     assert problems["d"][0].message == (
-        "row 'd': audio 'fast.wav' is 16000 Hz, expected 8000 Hz (set data.audio.sample_rate_hz or resample the file)"
+        "row 'd': audio 'fast.wav' is 16000 Hz, expected 8000 Hz (set data.audio.resample: true to convert it, or resample the file)"
     )
     assert problems["d"][0].row_number == 4
     assert problems["d"][0].value == "fast.wav"
@@ -84,15 +87,40 @@ def test_dataset_columns_count_shared_ids_splits_and_labels():
         "id": ["x", "x", "y", "z"],
         "label": ["0", "0", "1", "2"],
         "split": ["train", "test", "train", "train"],
+        "has_image": [True, True, True, True],
+        "has_audio": [False, False, True, True],
+        "has_text": [False, False, False, False],
         "image_sha256": ["h1", "h1", "h2", "h2"],
         "audio_sha256": [None, None, "a", "a"],
         "text_sha256": [None, None, None, None],
     })
     table = add_dataset_columns(probes)
     assert table["id_count"].tolist() == [2, 2, 1, 1]
+    assert table["modality_count"].tolist() == [1, 1, 2, 2]
     assert table["image_split_count"].tolist() == [2, 2, 1, 1]
     assert table["audio_split_count"].isna().tolist() == [True, True, False, False]
     assert table["content_label_count"].tolist() == [1, 1, 2, 2]
+    # Train has three of four rows and one row of each label; test has label 0 only.
+    assert table["split_share"].tolist() == [0.75, 0.25, 0.75, 0.75]
+    assert table["class_imbalance"].tolist() == [1.0, math.inf, 1.0, 1.0]
+    assert table["image_coverage"].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert table["audio_coverage"].tolist() == pytest.approx([2 / 3, 0.0, 2 / 3, 2 / 3])
+
+
+def test_class_imbalance_counts_declared_classes():
+    probes = pd.DataFrame({
+        "row_number": range(1, 6),
+        "id": list("abcde"),
+        "label": ["0", "0", "0", "1", "2"],
+        "split": ["train"] * 5,
+        "has_image": [True] * 5,
+        "has_audio": [True] * 5,
+        "image_sha256": list("vwxyz"),
+        "audio_sha256": list("VWXYZ"),
+        "text_sha256": [None] * 5,
+    })
+    assert add_dataset_columns(probes, classes=["0", "1", "2"])["class_imbalance"].iloc[0] == 3.0
+    assert add_dataset_columns(probes, classes=["0", "1", "2", "3"])["class_imbalance"].iloc[0] == math.inf
 
 
 def test_shared_ids_and_conflicting_labels_are_problems_of_every_row_involved():
@@ -102,6 +130,8 @@ def test_shared_ids_and_conflicting_labels_are_problems_of_every_row_involved():
         "label": ["0", "0", "1", "2"],
         "split": ["train", "train", "train", "train"],
         "has_image": [True, True, True, True],
+        "has_audio": [False] * 4,
+        "has_text": [False] * 4,
         "image_path": ["x.png", "x2.png", "y.png", "z.png"],
         "image_inside_root": [True] * 4,
         "image_error": [None] * 4,
@@ -110,5 +140,5 @@ def test_shared_ids_and_conflicting_labels_are_problems_of_every_row_involved():
         "text_sha256": [None] * 4,
     })
     records = add_dataset_columns(probes).to_dict("records")
-    checks = [[p.check for p in row_problems(r, classes=CLASSES, sample_rate_hz=8000)] for r in records]
+    checks = [[p.check for p in row_problems(r, classes=CLASSES, data=DATA)] for r in records]
     assert checks == [["id_unique"], ["id_unique"], ["content_one_label"], ["content_one_label"]]

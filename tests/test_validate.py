@@ -14,8 +14,9 @@ from test_rows import broken_manifest  # noqa: F401  (fixture)
 
 def config_for(manifest, tmp_path, **validation):
     return config_from_dict(
-        {"data": {"manifest": str(manifest), "classes": [str(d) for d in range(10)]},
-         "validation": {"min_rows_per_class": 0, **validation}},
+        # The six rows are too few for the per-split counts, which other tests cover.
+        {"data": {"manifest": str(manifest), "classes": [str(d) for d in range(10)], "split_fractions": {"train": 1.0}},
+         "validation": {"min_rows_per_class": 0, "min_rows_per_class_per_split": 0, **validation}},
         base_dir=tmp_path,
     )
 
@@ -42,7 +43,7 @@ def test_quarantine_sets_aside_exactly_the_broken_rows_and_counts_reconcile(brok
         quarantined = {row["id"]: row for row in csv.DictReader(handle)}
     assert sorted(quarantined) == ["c", "d", "e", "f"]
     assert quarantined["d"]["reasons"] == (
-        "row 'd': audio 'fast.wav' is 16000 Hz, expected 8000 Hz (set data.audio.sample_rate_hz or resample the file)"
+        "row 'd': audio 'fast.wav' is 16000 Hz, expected 8000 Hz (set data.audio.resample: true to convert it, or resample the file)"
     )
     assert quarantined["d"]["values"] == "fast.wav"
     assert quarantined["e"]["checks"] == "image_leakage"

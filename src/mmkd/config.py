@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,6 +205,47 @@ class ExportConfig(_Strict):
     )
 
 
+class LabelRule(_Strict):
+    """A label implied by another column of the manifest, which must equal the row's label.
+
+    For file names such as `audio/7_jackson_12.wav`:
+
+    ```yaml
+    validation:
+      label_rules:
+        - column: audio
+          pattern: '(?P<label>\\d)_[a-z]+_\\d+\\.wav$'
+    ```
+    """
+
+    column: str = Field(description="Manifest column that implies the label: image, audio, id or a metadata column.")
+    pattern: str | None = Field(
+        None,
+        description=(
+            "Regular expression searched in the cell: its group named 'label' (else its first group, else the "
+            "whole match) is the implied label, and a cell it does not match is a problem. None: the cell is the label."
+        ),
+    )
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_]+$", description="Check name in reports; by default label_from_<column>."
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return pattern
+
+    @property
+    def check_name(self) -> str:
+        """The name of this rule's check and of its columns in the probe table."""
+        return self.name or "label_from_" + re.sub(r"\W", "_", self.column)
+
+
 class ValidationConfig(_Strict):
     """Rules of the validate stage and the policy for rows that fail them."""
 
@@ -214,6 +256,29 @@ class ValidationConfig(_Strict):
         0.05, ge=0, le=1, description="With quarantine, fail anyway when more than this fraction of rows is set aside."
     )
     min_rows_per_class: int = Field(1, ge=0, le=10**9, description="Minimum number of rows each class must keep.")
+    min_rows_per_class_per_split: int = Field(
+        1, ge=0, le=10**9, description="Minimum number of rows of each class in each split whose share in data.split_fractions is above 0."
+    )
+    max_class_imbalance: float = Field(
+        10.0, ge=1, description="Warn when a split's largest class has more than this many times the rows of its smallest."
+    )
+    split_fraction_tolerance: float = Field(
+        0.1, ge=0, le=1, description="Warn when a split's share of the rows differs from data.split_fractions by more."
+    )
+    min_modality_coverage: float = Field(
+        0.5, ge=0, le=1, description="Fail when, in some split, a smaller fraction of rows has a modality the models read."
+    )
+    label_rules: list[LabelRule] = Field(
+        default_factory=list, description="Labels implied by other columns, which must equal each row's label."
+    )
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> ValidationConfig:
+        names = [rule.check_name for rule in self.label_rules]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"validation.label_rules: two rules are named {repeated[0]!r}; give one of them a name")
+        return self
 
 
 class BenchmarkConfig(_Strict):

@@ -61,8 +61,9 @@ def _model_section(model: type[BaseModel], prefix: str, seen: list[tuple[str, ty
         nested = next((a for a in (annotation, *typing.get_args(annotation))
                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
         key = f"{prefix}.{name}" if prefix else name
-        if nested is not None and not typing.get_origin(annotation) is list:
-            seen.append((key, nested))
+        if nested is not None:
+            # The items of a list of models get their own table, under `key[]`.
+            seen.append((f"{key}[]" if typing.get_origin(annotation) is list else key, nested))
         lines.append(f"| `{key}` | {_type_name(annotation)} | {_default(field)} | {_bounds(field)} | "
                      f"{field.description or ''} |")
     return lines + [""]

@@ -207,7 +207,7 @@ def load_dataset(data: DataConfig, *, cache_dir: Path | None = None) -> TensorDa
 def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
     frame = manifest.frame
     labels_text = [str(v) for v in frame["label"]]
-    classes = list(data.classes) if data.classes is not None else sorted(set(labels_text), key=_label_order)
+    classes = list(data.classes) if data.classes is not None else sorted(set(labels_text), key=label_order)
     unknown = sorted(set(labels_text) - set(classes))
     if unknown:
         raise DataError(
@@ -266,7 +266,7 @@ def _row_message(manifest: Manifest, row_number: int, row_id: str, column: str, 
     )
 
 
-def _label_order(label: str) -> tuple[int, float | str]:
+def label_order(label: str) -> tuple[int, float | str]:
     """Sort numeric labels numerically ("2" before "10") and others alphabetically."""
     try:
         return (0, float(label))

@@ -20,7 +20,7 @@ import logging
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from great_expectations.expectations.expectation import Expectation
 from great_expectations.expectations.metadata_types import FailureSeverity
 from great_expectations.expectations.row_conditions import Column
 
+from mmkd.config import LabelRule
 from mmkd.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -108,27 +109,34 @@ def _modality_checks(
 def build_checks(
     *,
     classes: Sequence[str],
-    sample_rate_hz: int,
+    sample_rate_hz: int | None,
     min_rows_per_class: int,
     image_size: tuple[int, int] | None = None,
     image_channels: int | None = None,
     audio_channels: int | None = None,
+    audio_encodings: Sequence[str] | None = None,
     max_audio_duration_s: float | None = None,
     splits: Sequence[str] | None = None,
+    max_text_chars: int | None = None,
+    max_text_tokens: int | None = None,
 ) -> list[Check]:
-    """Build the standard checks for a probe table.
+    """Build the checks of single rows, and the rows per class, for a probe table.
 
     Args:
         classes: Declared class labels. Every row's label must be one of them.
-        sample_rate_hz: Sample rate every decoded recording must have.
+        sample_rate_hz: Sample rate every decoded recording must have, or None to
+            accept any rate (when recordings are resampled).
         min_rows_per_class: Minimum number of rows for each declared class.
         image_size: Expected (width, height) of every decoded image in pixels, or None
             to accept any size.
         image_channels: Expected channel count of every decoded image, or None.
         audio_channels: Expected channel count of every decoded recording, or None.
+        audio_encodings: Accepted WAV sample encodings ("pcm16", ...), or None for any.
         max_audio_duration_s: Maximum recording duration in seconds that passes without
             a warning, or None to skip the duration check.
         splits: Allowed values of the `split` column, or None to skip the check.
+        max_text_chars: Longest text in characters, or None for no limit.
+        max_text_tokens: Longest text in whitespace-separated words, or None.
 
     Returns:
         Checks in report order, critical and warning mixed.
@@ -140,7 +148,7 @@ def build_checks(
         raise ValueError("classes is empty. Declare at least one class label.")
     if len(set(classes)) != len(classes):
         raise ValueError(f"classes has duplicate labels: {list(classes)}")
-    if sample_rate_hz <= 0:
+    if sample_rate_hz is not None and sample_rate_hz <= 0:
         raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
     if min_rows_per_class < 0:
         raise ValueError(f"min_rows_per_class must be 0 or more, got {min_rows_per_class}")
@@ -232,16 +240,28 @@ def build_checks(
         )
 
     checks.extend(_modality_checks("audio", "critical"))
-    checks.append(
-        Check(
-            name="audio_sample_rate",
-            severity="critical",
-            expectation=expectations.ExpectColumnValuesToBeInSet(
-                column="audio_sample_rate_hz", value_set=[sample_rate_hz], row_condition=has_audio
-            ),
-            description=f"Every decoded recording is sampled at {sample_rate_hz} Hz.",
+    if sample_rate_hz is not None:
+        checks.append(
+            Check(
+                name="audio_sample_rate",
+                severity="critical",
+                expectation=expectations.ExpectColumnValuesToBeInSet(
+                    column="audio_sample_rate_hz", value_set=[sample_rate_hz], row_condition=has_audio
+                ),
+                description=f"Every decoded recording is sampled at {sample_rate_hz} Hz.",
+            )
         )
-    )
+    if audio_encodings is not None:
+        checks.append(
+            Check(
+                name="audio_encoding",
+                severity="critical",
+                expectation=expectations.ExpectColumnValuesToBeInSet(
+                    column="audio_encoding", value_set=list(audio_encodings), row_condition=has_audio
+                ),
+                description=f"Every recording is encoded as one of {', '.join(audio_encodings)}.",
+            )
+        )
     if audio_channels is not None:
         checks.append(
             Check(
@@ -298,6 +318,166 @@ def build_checks(
             description="No row has blank text.",
         )
     )
+    checks.append(
+        Check(
+            name="text_utf8",
+            severity="critical",
+            expectation=expectations.ExpectColumnValuesToBeInSet(column="text_utf8", value_set=[True]),
+            description="Every text is valid UTF-8.",
+        )
+    )
+    for column, limit, unit in (("text_chars", max_text_chars, "characters"), ("text_tokens", max_text_tokens, "words")):
+        if limit is not None:
+            checks.append(
+                Check(
+                    name=f"text_max_{column.removeprefix('text_')}",
+                    severity="critical",
+                    expectation=expectations.ExpectColumnValuesToBeBetween(column=column, max_value=limit),
+                    description=f"Every text has at most {limit} {unit}.",
+                )
+            )
+    return checks
+
+
+def build_dataset_checks(
+    *,
+    classes: Sequence[str],
+    split_fractions: Mapping[str, float],
+    modalities: Sequence[str],
+    min_rows_per_class_per_split: int,
+    max_class_imbalance: float,
+    split_fraction_tolerance: float,
+    min_modality_coverage: float,
+    label_rules: Sequence[LabelRule] = (),
+) -> list[Check]:
+    """Build the checks that compare rows, over the columns of `rows.add_dataset_columns`.
+
+    Args:
+        classes: Declared class labels.
+        split_fractions: Expected share of the rows in each split. Every split with a
+            share above 0 must have rows, and each of its classes at least
+            `min_rows_per_class_per_split` of them.
+        modalities: Modalities the models read; each needs `min_modality_coverage`.
+        min_rows_per_class_per_split: Minimum rows of each class in each split.
+        max_class_imbalance: Largest tolerated ratio of a split's largest class to its
+            smallest (a warning).
+        split_fraction_tolerance: Largest tolerated difference between a split's share
+            of the rows and its expected share (a warning).
+        min_modality_coverage: Smallest fraction of a split's rows that must have each
+            modality.
+        label_rules: Rules whose probe columns (`<name>`, `<name>_matched`) the table has.
+
+    Returns:
+        Checks in report order.
+    """
+    expectations = gx.expectations
+    checks = [
+        Check(
+            name="has_modality",
+            severity="critical",
+            expectation=expectations.ExpectColumnValuesToBeBetween(column="modality_count", min_value=1),
+            description="Every row has at least one of image, audio and text.",
+        ),
+        *(
+            Check(
+                name=f"{modality}_in_one_split",
+                severity="critical",
+                expectation=expectations.ExpectColumnValuesToBeBetween(
+                    column=f"{modality}_split_count", min_value=1, max_value=1
+                ),
+                description=f"No {modality} content appears in two splits (leakage).",
+            )
+            for modality in ("image", "audio")
+        ),
+        Check(
+            name="content_one_label",
+            severity="critical",
+            expectation=expectations.ExpectColumnValuesToBeBetween(
+                column="content_label_count", min_value=1, max_value=1
+            ),
+            description="Rows with the same content carry the same label.",
+        ),
+    ]
+    for split, fraction in split_fractions.items():
+        if fraction <= 0:
+            continue
+        in_split = Column("split") == split
+        checks.append(
+            Check(
+                name=f"rows_in_split:{split}",
+                severity="critical",
+                expectation=expectations.ExpectTableRowCountToBeBetween(min_value=1, row_condition=in_split),
+                description=f"Split {split!r} has rows.",
+            )
+        )
+        checks.append(
+            Check(
+                name=f"split_share:{split}",
+                severity="warning",
+                expectation=expectations.ExpectColumnValuesToBeBetween(
+                    column="split_share",
+                    min_value=max(0.0, fraction - split_fraction_tolerance),
+                    max_value=min(1.0, fraction + split_fraction_tolerance),
+                    row_condition=in_split,
+                ),
+                description=(
+                    f"Split {split!r} holds {fraction:.0%} of the rows, give or take {split_fraction_tolerance:.0%}."
+                ),
+            )
+        )
+        if min_rows_per_class_per_split > 0:
+            for label in classes:
+                checks.append(
+                    Check(
+                        name=f"min_rows_per_class_per_split:{split}:{label}",
+                        severity="critical",
+                        expectation=expectations.ExpectTableRowCountToBeBetween(
+                            min_value=min_rows_per_class_per_split,
+                            row_condition=in_split & (Column("label") == label),
+                        ),
+                        description=f"Split {split!r} has at least {min_rows_per_class_per_split} rows of class {label!r}.",
+                    )
+                )
+    checks.append(
+        Check(
+            name="class_balance",
+            severity="warning",
+            expectation=expectations.ExpectColumnMaxToBeBetween(column="class_imbalance", max_value=max_class_imbalance),
+            description=f"In every split, the largest class has at most {max_class_imbalance:g} times the rows of the smallest.",
+        )
+    )
+    for modality in modalities:
+        checks.append(
+            Check(
+                name=f"{modality}_coverage",
+                severity="critical",
+                expectation=expectations.ExpectColumnMinToBeBetween(
+                    column=f"{modality}_coverage", min_value=min_modality_coverage
+                ),
+                description=f"In every split, at least {min_modality_coverage:.0%} of the rows have {modality}.",
+            )
+        )
+    for rule in label_rules:
+        name = rule.check_name
+        if rule.pattern is not None:
+            checks.append(
+                Check(
+                    name=f"{name}_matched",
+                    severity="critical",
+                    expectation=expectations.ExpectColumnValuesToBeInSet(column=f"{name}_matched", value_set=[True]),
+                    description=f"Every {rule.column} cell matches the pattern {rule.pattern!r}.",
+                )
+            )
+        checks.append(
+            Check(
+                name=name,
+                severity="critical",
+                expectation=expectations.ExpectColumnPairValuesToBeEqual(
+                    column_A="label", column_B=name, ignore_row_if="either_value_is_missing"
+                ),
+                description=f"The label that {rule.column} implies equals the row's label.",
+            )
+        )
     return checks
 
 

@@ -171,7 +171,8 @@ def write_probe_table(records: Iterable[dict[str, Any]], path: Path) -> int:
 
     def write(temporary: Path) -> None:
         nonlocal count
-        with open(temporary, "w", encoding="utf-8", newline="") as stream:
+        # Ids and paths that were not UTF-8 in the manifest round-trip as the same bytes.
+        with open(temporary, "w", encoding="utf-8", errors="surrogateescape", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=PROBE_COLUMNS, lineterminator="\n")
             writer.writeheader()
             for record in records:

@@ -20,11 +20,13 @@ from pathlib import Path
 import pandas as pd
 
 from mmkd.config import RunConfig
-from mmkd.manifest import read_manifest, write_manifest
+from mmkd.data.loading import label_order
+from mmkd.errors import ConfigError
+from mmkd.manifest import SPLITS, read_manifest, write_manifest
 from mmkd.runs import atomic_write, atomic_write_json
-from mmkd.validation.gx_suite import Check, build_checks, run_suite
+from mmkd.validation.gx_suite import Check, build_checks, build_dataset_checks, run_suite
 from mmkd.validation.probes import probe_manifest, write_probe_table
-from mmkd.validation.rows import Problem, add_dataset_columns, row_problems
+from mmkd.validation.rows import Problem, add_dataset_columns, implied_labels, row_problems
 
 logger = logging.getLogger(__name__)
 
@@ -45,40 +47,57 @@ class ValidationResult:
     message: str
 
 
-def _dataset_checks() -> list[Check]:
-    """Checks over the columns `add_dataset_columns` computes."""
-    import great_expectations as gx
+def _checks(config: RunConfig, classes: list[str]) -> list[Check]:
+    """Build the single-row and the dataset checks that the config asks for."""
+    data, policy = config.data, config.validation
+    audio = data.audio
+    return build_checks(
+        classes=classes,
+        sample_rate_hz=None if audio.resample else audio.sample_rate_hz,
+        min_rows_per_class=policy.min_rows_per_class,
+        audio_channels=None if audio.downmix else 1,
+        audio_encodings=audio.encodings,
+        splits=SPLITS,
+        max_text_chars=data.text.max_chars,
+        max_text_tokens=data.text.max_tokens,
+    ) + build_dataset_checks(
+        classes=classes,
+        split_fractions=data.split_fractions,
+        modalities=data.modalities,
+        min_rows_per_class_per_split=policy.min_rows_per_class_per_split,
+        max_class_imbalance=policy.max_class_imbalance,
+        split_fraction_tolerance=policy.split_fraction_tolerance,
+        min_modality_coverage=policy.min_modality_coverage,
+        label_rules=policy.label_rules,
+    )
 
-    return [
-        Check(
-            name=f"{modality}_in_one_split",
-            severity="critical",
-            expectation=gx.expectations.ExpectColumnValuesToBeBetween(
-                column=f"{modality}_split_count", min_value=1, max_value=1
-            ),
-            description=f"No {modality} content appears in two splits (leakage).",
-        )
-        for modality in ("image", "audio")
-    ] + [
-        Check(
-            name="content_one_label",
-            severity="critical",
-            expectation=gx.expectations.ExpectColumnValuesToBeBetween(
-                column="content_label_count", min_value=1, max_value=1
-            ),
-            description="Rows with the same content carry the same label.",
-        )
-    ]
+
+def _add_label_rule_columns(probes: pd.DataFrame, frame: pd.DataFrame, config: RunConfig) -> pd.DataFrame:
+    """Add, for each label rule, the cell it reads, the label it implies and whether it matched."""
+    table = probes.copy()
+    for i, rule in enumerate(config.validation.label_rules):
+        if rule.column not in frame.columns:
+            raise ConfigError(
+                f"validation.label_rules[{i}].column: {rule.column!r} is not a column of the manifest "
+                f"{config.data.manifest}. Its columns: {', '.join(map(str, frame.columns))}."
+            )
+        cells = frame[rule.column].reset_index(drop=True)
+        implied, matched = implied_labels(cells, rule)
+        table[f"{rule.check_name}_cell"] = cells.map(lambda v: None if pd.isna(v) else str(v))
+        table[rule.check_name] = implied
+        table[f"{rule.check_name}_matched"] = matched
+    return table
 
 
-def _write_quarantine(path: Path, problems: dict[str, list[Problem]]) -> None:
+def _write_quarantine(path: Path, problems: dict[int, list[Problem]]) -> None:
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        # Cells that were not UTF-8 in the manifest are written with backslash escapes.
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(QUARANTINE_COLUMNS)
-            for row_id, found in problems.items():
+            for row_number, found in problems.items():
                 writer.writerow([
-                    row_id, found[0].row_number,
+                    found[0].row_id, row_number,
                     " | ".join(p.message for p in found),
                     " | ".join(p.check for p in found),
                     " | ".join(p.column for p in found),
@@ -99,44 +118,59 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data, policy = config.data, config.validation
-    manifest = read_manifest(data.manifest, modalities=data.modalities, split_fractions=data.split_fractions, root=data.root)
-    classes = list(data.classes) if data.classes is not None else sorted({str(v) for v in manifest.frame["label"]})
+    manifest = read_manifest(
+        data.manifest, modalities=data.modalities, split_fractions=data.split_fractions, root=data.root, bad_rows="keep"
+    )
+    labels = manifest.frame["label"].dropna().astype(str)
+    classes = list(data.classes) if data.classes is not None else sorted(set(labels), key=label_order)
 
     # Probe every row, streaming the records to disk, then add the cross-row columns.
-    rows_in = write_probe_table(probe_manifest(manifest), out_dir / "probes.csv")
-    raw = pd.read_csv(out_dir / "probes.csv", dtype={"id": str, "label": str})
-    probes = add_dataset_columns(raw)
+    probes_path = out_dir / "probes.csv"
+    rows_in = write_probe_table(probe_manifest(manifest, max_image_pixels=data.image.max_pixels), probes_path)
+    raw = pd.read_csv(
+        probes_path,
+        dtype={"id": str, "label": str, "split": str},
+        keep_default_na=False,
+        na_values=[""],
+        encoding_errors="surrogateescape",
+    )
+    raw = _add_label_rule_columns(raw, manifest.frame, config)
+    probes = add_dataset_columns(raw, classes=classes, modalities=data.modalities)
 
     # Per-row reasons decide which rows are set aside.
-    problems: dict[str, list[Problem]] = {}
+    problems: dict[int, list[Problem]] = {}
     for record in probes.to_dict("records"):
-        found = row_problems(record, classes=classes, sample_rate_hz=data.audio.sample_rate_hz)
+        found = row_problems(record, classes=classes, data=data, label_rules=policy.label_rules)
         if found:
-            problems[str(record["id"])] = found
+            problems[int(record["row_number"])] = found
     quarantined = set(problems)
 
     # The Great Expectations suite runs over the rows that stay, with the cross-row
     # columns computed again among them.
     if policy.on_failure == "quarantine":
-        kept_probes = add_dataset_columns(raw[~raw["id"].astype(str).isin(quarantined)])
+        kept = raw[~raw["row_number"].isin(quarantined)]
+        kept_probes = add_dataset_columns(kept, classes=classes, modalities=data.modalities)
     else:
         kept_probes = probes
-    checks = build_checks(
-        classes=classes, sample_rate_hz=data.audio.sample_rate_hz, min_rows_per_class=policy.min_rows_per_class
-    ) + _dataset_checks()
-    suite = run_suite(kept_probes.reset_index(drop=True), checks, run_dir=out_dir)
+    suite = run_suite(kept_probes.reset_index(drop=True), _checks(config, classes), run_dir=out_dir)
 
+    failed = [c for c in suite["checks"] if c["severity"] == "critical" and not c["success"]]
+    failed_text = ", ".join(f"{c['name']} (observed {c['observed_value']})" for c in failed[:10])
+    failed_text += f" and {len(failed) - 10} more" if len(failed) > 10 else ""
     fraction = len(quarantined) / rows_in if rows_in else 0.0
     rows_quarantined = len(quarantined) if policy.on_failure == "quarantine" else 0
     if policy.on_failure == "stop":
         passed = not problems and suite["critical_failures"] == 0
-        message = (f"{len(problems)} of {rows_in} rows have critical problems" if problems
-                   else f"{suite['critical_failures']} critical checks failed")
+        message = f"{len(problems)} of {rows_in} rows have critical problems"
+        if failed:
+            message += f"; {len(failed)} critical checks failed: {failed_text}"
         rows_kept = rows_in
     else:
         passed = fraction <= policy.max_quarantined_fraction and suite["critical_failures"] == 0
         message = (f"{len(quarantined)} of {rows_in} rows set aside ({fraction:.1%}, limit "
-                   f"{policy.max_quarantined_fraction:.1%}); {suite['critical_failures']} critical checks failed on the rest")
+                   f"{policy.max_quarantined_fraction:.1%}); {len(failed)} critical checks failed on the rest")
+        if failed:
+            message += f": {failed_text}"
         rows_kept = rows_in - rows_quarantined
     if passed:
         message = f"{rows_kept} of {rows_in} rows kept"
@@ -145,7 +179,8 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
     _write_quarantine(out_dir / "quarantine.csv", problems)
     clean_manifest = None
     if passed:
-        clean = manifest.frame[~manifest.frame["id"].astype(str).isin(quarantined)] if policy.on_failure == "quarantine" else manifest.frame
+        numbers = pd.Series(range(1, len(manifest.frame) + 1), index=manifest.frame.index)
+        clean = manifest.frame[~numbers.isin(quarantined)] if policy.on_failure == "quarantine" else manifest.frame
         clean_manifest = write_manifest(clean.reset_index(drop=True), out_dir / "manifest.clean.csv")
     report = atomic_write_json(out_dir / "validation.json", {
         "passed": passed,
