@@ -38,6 +38,17 @@ def _publish(result: ValidationResult, report: dict) -> None:
     )
 
 
+def _problem_list(problems: list[dict], *, named_rows: int = 200, full_reasons: int = 10) -> str:
+    """List the rows with problems by number and id, then the first reasons in full."""
+    rows = list(dict.fromkeys((p["row_number"], p["row_id"]) for p in problems))
+    if not rows:
+        return ""
+    names = ", ".join(f"{number} ({row_id!r})" if row_id else str(number) for number, row_id in rows[:named_rows])
+    more = f" and {len(rows) - named_rows} more" if len(rows) > named_rows else ""
+    reasons = "".join(f" {p['message']}." for p in problems[:full_reasons])
+    return f" Rows with problems: {names}{more}.{reasons}"
+
+
 @flow(name="validate", description="Probe every row, run the Great Expectations checks, quarantine or stop.")
 def validate_flow(run_dir: str) -> dict:
     """Validate the run's data; with quarantined rows, point the run's config at the clean manifest.
@@ -53,10 +64,8 @@ def validate_flow(run_dir: str) -> dict:
     _publish(result, report)
 
     if not result.passed:
-        problems = report["problems"]
-        listed = "".join(f" {p['message']}." for p in problems[:10])
-        listed += f" And {len(problems) - 10} more." if len(problems) > 10 else ""
-        raise DataError(f"Validation failed: {result.message}.{listed} Every problem is in {result.report}.")
+        raise DataError(f"Validation failed: {result.message}.{_problem_list(report['problems'])} "
+                        f"Every problem is in {result.report}.")
 
     # Later stages read only the rows validation kept.
     if result.rows_quarantined:

@@ -309,3 +309,12 @@ def test_mnist_value_out_of_range_is_named(tmp_path: Path) -> None:
         DataError, match=re.escape("line 1, column 5: expected a grey value (0-255), found 256")
     ):
         load_mnist(path)
+
+
+@needs_data
+def test_recordings_are_copies_not_links(small_build: Path) -> None:
+    built = sorted((small_build.parent / "audio").glob("*.wav"))
+    assert built
+    for path in built:
+        assert not path.samefile(RECORDINGS / path.name)
+        assert path.read_bytes() == (RECORDINGS / path.name).read_bytes()

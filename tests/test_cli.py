@@ -22,7 +22,7 @@ def test_bad_config_exits_2_with_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_run_with_a_missing_file_exits_1_naming_the_row_without_traceback(tmp_path, small_avdigits, capsys):
+def test_run_with_a_missing_file_exits_1_naming_the_row_without_traceback(tmp_path, small_avdigits, prefect_server, capsys):
     import shutil
 
     from conftest import write_config
@@ -35,8 +35,7 @@ def test_run_with_a_missing_file_exits_1_naming_the_row_without_traceback(tmp_pa
     status = main(["run", str(config), "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert status == 1
-    assert f"row 5 (id '{frame.loc[4, 'id']}'), column 'image'" in err
-    assert "the file does not exist" in err
+    assert f"row '{frame.loc[4, 'id']}': image '{frame.loc[4, 'image']}' cannot be used: file not found" in err
     assert "Traceback" not in err
 
 

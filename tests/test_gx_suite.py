@@ -153,14 +153,15 @@ def test_small_class_fails_min_rows(tmp_path: Path) -> None:
 
 
 def test_missing_column_reported_as_failure(tmp_path: Path) -> None:
-    probes = make_probes().drop(columns=["text_blank"])
+    probes = make_probes().drop(columns=["audio_silent"])
 
     report = run_suite(probes, make_checks(), run_dir=tmp_path / "run")
     failed = failed_checks(report)
 
-    assert set(failed) == {"text_not_blank"}
-    assert "text_blank" in failed["text_not_blank"]["exception"]
+    assert set(failed) == {"audio_not_silent"}
+    assert "audio_silent" in failed["audio_not_silent"]["exception"]
     assert report["warning_failures"] == 1
+    assert report["critical_failures"] == 0
 
 
 def test_gx_writes_only_inside_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,15 +70,12 @@ def _configure_logging() -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "run":
         from mmkd.config import load_config
-        from mmkd.data.loading import load_dataset
         from mmkd.flows.pipeline import pipeline_flow
         from mmkd.reports import summary_table
 
-        # A bad config, or with the stop policy an unreadable file, fails here with one message
-        # before Prefect starts; the decoded tensors land in the cache every stage reuses.
-        config = load_config(args.config)
-        if config.validation.on_failure == "stop":
-            load_dataset(config.data, cache_dir=args.out / "cache")
+        # A bad config fails here with one message, before Prefect starts. Bad data is
+        # reported by the pipeline's validate stage, every row at once.
+        load_config(args.config)
         result = pipeline_flow(str(args.config), str(args.out), seed=args.seed)
         print(summary_table(result, result["benchmark"]))
         print(f"\nRun folder: {result['run_dir']}")

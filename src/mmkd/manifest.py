@@ -355,7 +355,8 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, list[str]]:
         # can be named instead of the whole file failing.
         frame = pd.read_csv(
             path,
-            dtype={column: str for column in _TEXT_COLUMNS},
+            # object, not str: pandas' string dtype cannot hold the lone surrogates.
+            dtype={column: object for column in _TEXT_COLUMNS},
             keep_default_na=False,
             na_values=[""],
             encoding="utf-8",
@@ -466,6 +467,11 @@ def _text_column(
     values: list[str | None] = []
     for i, value in enumerate(frame[column].tolist()):
         try:
+            # Whitespace-only text is kept, so that validation reports it instead of
+            # treating the row as one without text.
+            if column == "text" and isinstance(value, str) and value:
+                values.append(value)
+                continue
             values.append(_as_text(value))
         except TypeError as error:
             raise DataError(f"{place(i, column)}: {error}. Write the cell as text.") from error

@@ -327,7 +327,7 @@ def build_avdigits(
     For each digit, the recordings sorted by (speaker, index) are paired in order with
     that digit's MNIST images shuffled by a generator seeded with (seed, digit). The
     images are written as 28x28 greyscale PNG files to `out_dir/images/<id>.png`, the
-    recordings are hard-linked or copied to `out_dir/audio/`, and `out_dir/dataset.json`
+    recordings are copied to `out_dir/audio/`, and `out_dir/dataset.json`
     records the seed, the sources and the counts. The manifest column `mnist_index` is
     the 0-based row of the image in the MNIST file. The same arguments give a
     byte-identical manifest and identical images.
@@ -453,7 +453,7 @@ def _write_pair(
     image_name = f"images/{recording.row_id}.png"
     Image.fromarray(image).save(out_dir / image_name, format="PNG")
     audio_name = f"audio/{recording.path.name}"
-    _link_or_copy(recording.path, out_dir / audio_name)
+    _copy_recording(recording.path, out_dir / audio_name)
     return {
         "id": recording.row_id,
         "label": str(recording.digit),
@@ -465,16 +465,11 @@ def _write_pair(
     }
 
 
-def _link_or_copy(source: Path, destination: Path) -> None:
-    if destination.exists():
-        if destination.samefile(source):
-            return
-        destination.unlink()
-    try:
-        os.link(source, destination)
-    except OSError:
-        # Different file systems, or links not allowed there.
-        shutil.copyfile(source, destination)
+def _copy_recording(source: Path, destination: Path) -> None:
+    """Copy a recording, never hard-link it, so that editing the built data cannot change the source."""
+    # An earlier build may have left a hard link to the source, which must not be written through.
+    destination.unlink(missing_ok=True)
+    shutil.copyfile(source, destination)
 
 
 def _splits(

@@ -113,6 +113,7 @@ def build_checks(
     min_rows_per_class: int,
     image_size: tuple[int, int] | None = None,
     image_channels: int | None = None,
+    image_modes: Sequence[str] | None = None,
     audio_channels: int | None = None,
     audio_encodings: Sequence[str] | None = None,
     max_audio_duration_s: float | None = None,
@@ -130,6 +131,7 @@ def build_checks(
         image_size: Expected (width, height) of every decoded image in pixels, or None
             to accept any size.
         image_channels: Expected channel count of every decoded image, or None.
+        image_modes: PIL modes that need no conversion; any other is a warning, or None.
         audio_channels: Expected channel count of every decoded recording, or None.
         audio_encodings: Accepted WAV sample encodings ("pcm16", ...), or None for any.
         max_audio_duration_s: Maximum recording duration in seconds that passes without
@@ -239,6 +241,18 @@ def build_checks(
             )
         )
 
+    if image_modes is not None:
+        checks.append(
+            Check(
+                name="image_mode",
+                severity="warning",
+                expectation=expectations.ExpectColumnValuesToBeInSet(
+                    column="image_mode", value_set=list(image_modes), row_condition=has_image
+                ),
+                description=f"Every image is stored as {' or '.join(image_modes)}; others are converted when decoded.",
+            )
+        )
+
     checks.extend(_modality_checks("audio", "critical"))
     if sample_rate_hz is not None:
         checks.append(
@@ -311,7 +325,7 @@ def build_checks(
     checks.append(
         Check(
             name="text_not_blank",
-            severity="warning",
+            severity="critical",
             expectation=expectations.ExpectColumnValuesToBeInSet(
                 column="text_blank", value_set=[False]
             ),

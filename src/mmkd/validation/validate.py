@@ -55,6 +55,7 @@ def _checks(config: RunConfig, classes: list[str]) -> list[Check]:
         classes=classes,
         sample_rate_hz=None if audio.resample else audio.sample_rate_hz,
         min_rows_per_class=policy.min_rows_per_class,
+        image_modes=["L"] if data.image.channels == 1 else ["RGB"],
         audio_channels=None if audio.downmix else 1,
         audio_encodings=audio.encodings,
         splits=SPLITS,
@@ -87,6 +88,15 @@ def _add_label_rule_columns(probes: pd.DataFrame, frame: pd.DataFrame, config: R
         table[rule.check_name] = implied
         table[f"{rule.check_name}_matched"] = matched
     return table
+
+
+def _observed(check: dict) -> str:
+    """Describe what a failed check found: its observed value, or how many rows failed it."""
+    if check["observed_value"] is not None:
+        return f"observed {check['observed_value']}"
+    if check["unexpected_count"] is not None:
+        return f"{check['unexpected_count']} rows"
+    return check["exception"] or "failed"
 
 
 def _write_quarantine(path: Path, problems: dict[int, list[Problem]]) -> None:
@@ -129,7 +139,7 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
     rows_in = write_probe_table(probe_manifest(manifest, max_image_pixels=data.image.max_pixels), probes_path)
     raw = pd.read_csv(
         probes_path,
-        dtype={"id": str, "label": str, "split": str},
+        dtype={"id": object, "label": object, "split": object},
         keep_default_na=False,
         na_values=[""],
         encoding_errors="surrogateescape",
@@ -155,7 +165,7 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
     suite = run_suite(kept_probes.reset_index(drop=True), _checks(config, classes), run_dir=out_dir)
 
     failed = [c for c in suite["checks"] if c["severity"] == "critical" and not c["success"]]
-    failed_text = ", ".join(f"{c['name']} (observed {c['observed_value']})" for c in failed[:10])
+    failed_text = ", ".join(f"{c['name']} ({_observed(c)})" for c in failed[:10])
     failed_text += f" and {len(failed) - 10} more" if len(failed) > 10 else ""
     fraction = len(quarantined) / rows_in if rows_in else 0.0
     rows_quarantined = len(quarantined) if policy.on_failure == "quarantine" else 0
