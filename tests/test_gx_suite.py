@@ -9,8 +9,10 @@ import great_expectations as gx
 import pandas as pd
 import pytest
 
+from mmkd.config import LabelRule
 from mmkd.errors import DataError
-from mmkd.validation.gx_suite import Check, build_checks, run_suite
+from mmkd.validation.gx_suite import Check, build_checks, build_dataset_checks, run_suite
+from mmkd.validation.rows import add_dataset_columns, implied_labels
 
 CLASSES = ["0", "1"]
 
@@ -272,3 +274,69 @@ def test_unknown_severity_rejected() -> None:
 def test_build_checks_rejects_empty_classes() -> None:
     with pytest.raises(ValueError, match="classes is empty"):
         build_checks(classes=[], sample_rate_hz=8000, min_rows_per_class=1)
+
+
+def test_dataset_checks_find_split_class_and_coverage_gaps(tmp_path: Path) -> None:
+    # Train: classes 0, 0, 0, 1 with audio on two rows. Val: one row of class 0, no audio. Test: empty.
+    probes = pd.DataFrame({
+        "row_number": range(1, 6),
+        "id": list("abcde"),
+        "label": ["0", "0", "0", "1", "0"],
+        "split": ["train"] * 4 + ["val"],
+        "has_image": [True] * 5,
+        "has_audio": [True, True, False, False, False],
+        "has_text": [False] * 5,
+        "image_sha256": list("vwxyz"),
+        "audio_sha256": ["p", "q", None, None, None],
+        "text_sha256": [None] * 5,
+    })
+    checks = build_dataset_checks(
+        classes=CLASSES,
+        split_fractions={"train": 0.7, "val": 0.15, "test": 0.15},
+        modalities=["image", "audio"],
+        min_rows_per_class_per_split=1,
+        max_class_imbalance=2.0,
+        split_fraction_tolerance=0.04,
+        min_modality_coverage=0.5,
+    )
+    table = add_dataset_columns(probes, classes=CLASSES, modalities=["image", "audio"])
+    report = run_suite(table, checks, run_dir=tmp_path / "run")
+    failed = failed_checks(report)
+
+    assert set(failed) == {
+        "rows_in_split:test",
+        "min_rows_per_class_per_split:val:1",
+        "min_rows_per_class_per_split:test:0",
+        "min_rows_per_class_per_split:test:1",
+        # Train holds 4 of 5 rows (80%), more than 70% + 4%; val's 20% is 5% over 15%.
+        "split_share:train",
+        "split_share:val",
+        # Train has 3 rows of class 0 for 1 of class 1; val has none of class 1.
+        "class_balance",
+        # Val has no audio at all.
+        "audio_coverage",
+    }
+    assert {name for name, check in failed.items() if check["severity"] == "warning"} == {
+        "split_share:train", "split_share:val", "class_balance",
+    }
+    assert failed["audio_coverage"]["observed_value"] == 0.0
+
+
+def test_label_rule_check_compares_label_with_implied_label(tmp_path: Path) -> None:
+    rule = LabelRule(column="audio", pattern=r"(?P<label>\d)_")
+    cells = pd.Series(["audio/0_a.wav", "audio/1_b.wav", "audio/x.wav", None])
+    implied, matched = implied_labels(cells, rule)
+    probes = pd.DataFrame({
+        "row_number": range(1, 5), "id": list("abcd"), "label": ["0", "0", "1", "1"],
+        "label_from_audio": implied, "label_from_audio_matched": matched,
+    })
+    checks = [check for check in build_dataset_checks(
+        classes=CLASSES, split_fractions={}, modalities=[], min_rows_per_class_per_split=0,
+        max_class_imbalance=10.0, split_fraction_tolerance=0.1, min_modality_coverage=0.0, label_rules=[rule],
+    ) if check.name.startswith("label_from")]
+    report = run_suite(probes, checks, run_dir=tmp_path / "run")
+    failed = failed_checks(report)
+
+    assert set(failed) == {"label_from_audio", "label_from_audio_matched"}
+    assert [row["id"] for row in failed["label_from_audio"]["failing_rows"]] == ["b"]
+    assert [row["id"] for row in failed["label_from_audio_matched"]["failing_rows"]] == ["c"]

@@ -316,3 +316,50 @@ def test_csv_with_byte_order_mark_crlf_and_unicode_names_reads_cleanly(tmp_path)
     assert manifest.resolve("ñandú.png") == tmp_path / "ñandú.png"
     # An extra column is kept, not an error.
     assert list(manifest.frame["notes"]) == ["first", "second"]
+
+
+BAD_ROWS_CSV = (
+    "id,label,split,image,text\n"
+    "a,1,train,images/a.png,\n"
+    "a,2,train,images/b.png,\n"
+    ",3,val,images/c.png,\n"
+    "d,,test,images/d.png,\n"
+    "e,5,training,images/e.png,\n"
+    "f,6,,/etc/passwd,\n"
+    "g,7,,../outside.png,\n"
+    "h,8,,,\n"
+    "i,9,,,   \n"
+)
+
+
+def test_bad_rows_keep_returns_cells_as_written(tmp_path: Path) -> None:
+    manifest = read_manifest(write_csv(tmp_path / "m.csv", BAD_ROWS_CSV), bad_rows="keep")
+    frame = manifest.frame
+    assert len(frame) == 9
+    assert frame["id"].tolist() == ["a", "a", None, "d", "e", "f", "g", "h", "i"]
+    assert frame["label"].tolist() == ["1", "2", "3", None, "5", "6", "7", "8", "9"]
+    assert frame["split"].tolist()[:5] == ["train", "train", "val", "test", "training"]
+    assert frame["split"][5] in SPLITS
+    assert frame["image"].tolist()[5:8] == ["/etc/passwd", "../outside.png", None]
+    # Whitespace-only text is text, so validation can report it; an empty cell is no text.
+    assert frame["text"].tolist()[7:] == [None, "   "]
+
+
+def test_bad_rows_raise_names_the_first(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"duplicate id 'a' on line 2 and line 3"):
+        read_manifest(write_csv(tmp_path / "m.csv", BAD_ROWS_CSV))
+
+
+def test_non_utf8_cell_names_the_row_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,label,text\na,1,caf\xe9\nb,2,fine\n")
+    with pytest.raises(DataError, match=r"line 2, column 'text': the cell is not valid UTF-8 text"):
+        read_manifest(path)
+    kept = read_manifest(path, bad_rows="keep").frame
+    assert kept["text"][0] == "caf\udce9"
+    assert kept["text"][1] == "fine"
+
+
+def test_header_only_manifest_has_no_rows(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"contains no rows"):
+        read_manifest(write_csv(tmp_path / "m.csv", "id,label,image\n"))

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mmkd.config import DataConfig
+from mmkd.config import DataConfig, LabelRule
 from mmkd.manifest import read_manifest
 from mmkd.validation.probes import probe_manifest
-from mmkd.validation.rows import add_dataset_columns, row_problems
+from mmkd.validation.rows import add_dataset_columns, implied_labels, row_problems
 
 from conftest import FSDD_DIR, require_shared_data
 
@@ -142,3 +142,21 @@ def test_shared_ids_and_conflicting_labels_are_problems_of_every_row_involved():
     records = add_dataset_columns(probes).to_dict("records")
     checks = [[p.check for p in row_problems(r, classes=CLASSES, data=DATA)] for r in records]
     assert checks == [["id_unique"], ["id_unique"], ["content_one_label"], ["content_one_label"]]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "cell", "label", "matched"),
+    [
+        (r"(?P<label>\d)_", "audio/7_x.wav", "7", True),
+        (r"audio/(\d)", "audio/7_x.wav", "7", True),
+        (r"\d", "audio/7_x.wav", "7", True),
+        (None, " 7 ", "7", True),
+        (r"(?P<label>\d)_", "audio/x.wav", None, False),
+        (r"(?P<label>\d)_", None, None, None),
+    ],
+    ids=["named-group", "first-group", "whole-match", "cell-itself", "no-match", "empty-cell"],
+)
+def test_implied_labels_read_the_rule(pattern, cell, label, matched):
+    implied, found = implied_labels(pd.Series([cell]), LabelRule(column="audio", pattern=pattern))
+    assert implied[0] == label
+    assert found[0] == matched
