@@ -29,3 +29,32 @@ def test_plugin_catalog_shows_each_plugin_with_its_parameters():
         assert f"### `{name}`" in text
     assert "| `temperature` |" in text
     assert "| `alpha` |" in text
+
+
+def test_validation_howto_names_every_check(tmp_path):
+    import re
+
+    from mmkd.config import config_from_dict
+    from mmkd.validation.validate import _checks
+
+    config = config_from_dict(
+        {"data": {"manifest": "m.csv", "text": {"max_tokens": 100}},
+         "validation": {"label_rules": [{"column": "audio", "pattern": r"(\d)"}]}},
+        base_dir=tmp_path,
+    )
+    names = {check.name for check in _checks(config, ["0", "1"])}
+    documented = set(re.findall(r"`([a-z0-9_<>:]+)`", (DOCS / "howto-validate.md").read_text(encoding="utf-8")))
+    # Names that carry a class, split, modality or rule are documented in their general form.
+    general_forms = [
+        (r"^min_rows_per_class:\w+$", "min_rows_per_class:<class>"),
+        (r"^(rows_in_split|split_share):\w+$", r"\1:<split>"),
+        (r"per_split:\w+:\w+$", "per_split:<split>:<class>"),
+        (r"^label_from_audio", "<rule>"),
+        (r"^(image|audio)_coverage$", "<modality>_coverage"),
+    ]
+    generic = set()
+    for name in names:
+        for pattern, general in general_forms:
+            name = re.sub(pattern, general, name)
+        generic.add(name)
+    assert generic - documented == set()
