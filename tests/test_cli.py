@@ -22,7 +22,7 @@ def test_bad_config_exits_2_with_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_run_with_a_missing_file_exits_1_naming_the_row_without_traceback(tmp_path, small_avdigits, prefect_server, capsys):
+def test_run_missing_file_exits_1_naming_row(tmp_path, small_avdigits, prefect_server, capsys):
     import shutil
 
     from conftest import write_config

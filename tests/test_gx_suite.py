@@ -308,7 +308,7 @@ def test_dataset_checks_find_split_class_and_coverage_gaps(tmp_path: Path) -> No
         "min_rows_per_class_per_split:val:1",
         "min_rows_per_class_per_split:test:0",
         "min_rows_per_class_per_split:test:1",
-        # Train holds 4 of 5 rows (80%), more than 70% + 4%; val's 20% is 5% over 15%.
+        # Train contains 4 of 5 rows (80%), more than 70% + 4%; val's 20% is 5% over 15%.
         "split_share:train",
         "split_share:val",
         # Train has 3 rows of class 0 for 1 of class 1; val has none of class 1.

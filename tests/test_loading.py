@@ -183,7 +183,7 @@ def palette_image():
     return image
 
 
-def test_image_over_the_pixel_limit_is_rejected_before_decoding(tmp_path):
+def test_decode_image_rejects_over_pixel_limit(tmp_path):
     path = tmp_path / "big.png"
     Image.new("L", (40, 30)).save(path)
     config = DataConfig(manifest=path, image={"max_pixels": 1000}).image

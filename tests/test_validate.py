@@ -108,13 +108,13 @@ def test_conversions_are_rejected_unless_the_config_allows_them(tmp_path):
         assert np.abs(dataset.inputs["audio"][row, 800:7200].numpy() - expected[800:7200]).max() < 1e-3
 
 
-def test_label_rule_on_a_missing_column_is_a_config_error(broken_manifest, tmp_path):
+def test_label_rule_missing_column_is_config_error(broken_manifest, tmp_path):
     config = config_for(broken_manifest, tmp_path, label_rules=[{"column": "speaker", "pattern": r"(\d)"}])
     with pytest.raises(ConfigError, match=r"validation.label_rules\[0\].column: 'speaker' is not a column of the manifest"):
         validate_manifest(config, tmp_path / "out")
 
 
-def test_label_rule_with_an_invalid_pattern_is_a_config_error(tmp_path):
+def test_label_rule_invalid_pattern_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"invalid regular expression '\(\\\\d'"):
         config_for(tmp_path / "m.csv", tmp_path, label_rules=[{"column": "audio", "pattern": r"(\d"}])
 

@@ -1,4 +1,4 @@
-"""The real audio-visual digits manifest with rows broken in every way validation knows.
+"""The real audio-visual digits manifest with rows broken in every way that validation checks.
 
 The 2,500-row manifest is built from the real FSDD and MNIST files, given a text column
 and an extra column, and written with a byte-order mark and CRLF line ends. Then single

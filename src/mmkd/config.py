@@ -73,9 +73,9 @@ class ImageConfig(_Strict):
 class TextConfig(_Strict):
     """Limits on the inline text of a manifest's `text` column."""
 
-    max_chars: int = Field(10_000, ge=1, le=10**8, description="Longest text accepted, in characters.")
+    max_chars: int = Field(10_000, ge=1, le=10**8, description="Maximum length of a text, in characters.")
     max_tokens: int | None = Field(
-        None, ge=1, le=10**7, description="Longest text accepted, in whitespace-separated words; None for no limit."
+        None, ge=1, le=10**7, description="Maximum length of a text, in whitespace-separated words; None for no limit."
     )
 
 
@@ -214,7 +214,7 @@ class LabelRule(_Strict):
     validation:
       label_rules:
         - column: audio
-          pattern: '(?P<label>\\d)_[a-z]+_\\d+\\.wav$'
+          pattern: '(?P<label>\\d)_[^/]*$'
     ```
     """
 

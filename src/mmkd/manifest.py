@@ -209,7 +209,7 @@ def read_manifest(
 
     for column, values in text.items():
         for i, value in enumerate(values):
-            if value is not None and not _is_utf8(value):
+            if value is not None and not is_utf8(value):
                 raise DataError(
                     f"{place(i, column)}: the cell is not valid UTF-8 text ({value!r}). "
                     "Save the manifest with UTF-8 encoding."
@@ -264,7 +264,7 @@ def _manifest(
     return Manifest(path=path, root=root, frame=pd.DataFrame(columns), modalities=present, split_assigned=splits[1])
 
 
-def _is_utf8(value: str) -> bool:
+def is_utf8(value: str) -> bool:
     """Tell whether text decoded with errors="surrogateescape" came from valid UTF-8."""
     try:
         value.encode("utf-8")
@@ -518,8 +518,8 @@ def _splits(
 ) -> tuple[list[str | None], bool]:
     """Return each row's split, assigning one from the id hash where the cell is empty.
 
-    With `place` None, an invalid split is kept as written and a row without id or split
-    gets None, for the validate stage to report; otherwise an invalid split raises.
+    With `place` None, an invalid split is kept as written, and a row without id or split
+    gets None, for the validate stage to report. Otherwise an invalid split raises.
     """
     split_cells = text.get("split", [None] * len(text["id"]))
     splits: list[str | None] = []

@@ -135,7 +135,7 @@ def decode_audio(path: Path, config: AudioConfig) -> np.ndarray:
     accepted one is converted (scaled to [-1, 1], resampled, channels averaged).
 
     Raises:
-        ValueError: The recording is corrupt, truncated, empty, holds NaN or infinite
+        ValueError: The recording is corrupt, truncated, empty, contains NaN or infinite
             samples, or is not accepted by `config`; the message says which.
     """
     samples, header = wav.read_samples(path)

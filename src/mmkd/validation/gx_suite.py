@@ -137,8 +137,8 @@ def build_checks(
         max_audio_duration_s: Maximum recording duration in seconds that passes without
             a warning, or None to skip the duration check.
         splits: Allowed values of the `split` column, or None to skip the check.
-        max_text_chars: Longest text in characters, or None for no limit.
-        max_text_tokens: Longest text in whitespace-separated words, or None.
+        max_text_chars: Maximum text length in characters, or None for no limit.
+        max_text_tokens: Maximum text length in whitespace-separated words, or None.
 
     Returns:
         Checks in report order, critical and warning mixed.

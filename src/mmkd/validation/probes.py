@@ -29,7 +29,7 @@ from PIL import Image
 
 from mmkd.config import ImageConfig
 from mmkd.data import wav
-from mmkd.manifest import Manifest
+from mmkd.manifest import Manifest, is_utf8
 from mmkd.runs import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def probe_row(
             text_chars=len(text),
             text_tokens=len(text.split()),
             text_blank=not text.strip(),
-            text_utf8=_is_utf8(text),
+            text_utf8=is_utf8(text),
             text_sha256=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
         )
     return record
@@ -205,15 +205,6 @@ def _cell(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return str(value)
-
-
-def _is_utf8(text: str) -> bool:
-    """Tell whether text read with errors="surrogateescape" came from valid UTF-8 bytes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _inside_root(value: str, root: Path) -> bool:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from mmkd.config import DataConfig, LabelRule
 from mmkd.data import wav
-from mmkd.manifest import SPLITS
+from mmkd.manifest import SPLITS, is_utf8
 
 MODALITY_FILES = ("image", "audio")
 PROBED_MODALITIES = ("image", "audio", "text")
@@ -182,7 +182,7 @@ def row_problems(
 def _identity_problems(record: Mapping[str, Any], row_id: str, classes: Sequence[str], add: Any) -> None:
     if not row_id.strip():
         add("id_present", "id", "", "the id is missing (give every row a unique id)")
-    elif not _is_utf8(row_id):
+    elif not is_utf8(row_id):
         add("id_utf8", "id", row_id, "the id is not valid UTF-8 (save the manifest as UTF-8)")
     if _present(record.get("id_count")) and int(record["id_count"]) > 1:
         add("id_unique", "id", row_id, f"id {row_id!r} is used by {int(record['id_count'])} rows (give each row its own id)")
@@ -216,7 +216,7 @@ def _file_problems(record: Mapping[str, Any], modality: str, train_split: str, a
 
 
 def _escape_reason(path: str) -> str:
-    """Say how a path that resolves outside the data root gets there."""
+    """Return how a path that resolves outside the data root gets there, with the fix."""
     if PurePosixPath(path).is_absolute() or PureWindowsPath(path).anchor:
         return "is an absolute path (write it relative to the data root)"
     normal = posixpath.normpath(path.replace("\\", "/"))
@@ -269,11 +269,3 @@ def _label_rule_problems(record: Mapping[str, Any], rule: LabelRule, add: Any) -
         add(name, rule.column, cell,
             f"{rule.column} {cell!r} implies label {str(implied)!r}, but the row's label is {str(label)!r} "
             "(fix the label or the file)")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -48,7 +48,7 @@ class ValidationResult:
 
 
 def _checks(config: RunConfig, classes: list[str]) -> list[Check]:
-    """Build the single-row and the dataset checks that the config asks for."""
+    """Build the single-row and the dataset checks that the config sets."""
     data, policy = config.data, config.validation
     audio = data.audio
     return build_checks(
@@ -158,8 +158,8 @@ def validate_manifest(config: RunConfig, out_dir: Path) -> ValidationResult:
     # The Great Expectations suite runs over the rows that stay, with the cross-row
     # columns computed again among them.
     if policy.on_failure == "quarantine":
-        kept = raw[~raw["row_number"].isin(quarantined)]
-        kept_probes = add_dataset_columns(kept, classes=classes, modalities=data.modalities)
+        kept_raw = raw[~raw["row_number"].isin(quarantined)]
+        kept_probes = add_dataset_columns(kept_raw, classes=classes, modalities=data.modalities)
     else:
         kept_probes = probes
     suite = run_suite(kept_probes.reset_index(drop=True), _checks(config, classes), run_dir=out_dir)
