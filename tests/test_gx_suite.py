@@ -202,6 +202,29 @@ def test_gx_analytics_off(tmp_path: Path) -> None:
     assert context.variables.analytics_enabled is False
 
 
+def test_gx_opens_no_network_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    attempts: list[object] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def record(self: socket.socket, address: object) -> None:
+        attempts.append(address)
+        real_connect(self, address)
+
+    def record_ex(self: socket.socket, address: object) -> int:
+        attempts.append(address)
+        return real_connect_ex(self, address)
+
+    # Outgoing TCP connections (HTTP included) start with connect or connect_ex, so any
+    # made while a fresh project is created, validated and rendered is recorded here.
+    monkeypatch.setattr(socket.socket, "connect", record)
+    monkeypatch.setattr(socket.socket, "connect_ex", record_ex)
+    run_suite(make_probes(), make_checks(), run_dir=tmp_path / "run")
+
+    assert attempts == []
+
+
 def test_second_run_in_same_dir(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     checks = make_checks()

@@ -273,6 +273,14 @@ def is_utf8(value: str) -> bool:
     return True
 
 
+def label_order(label: str) -> tuple[int, float | str]:
+    """Sort numeric labels numerically ("2" before "10") and others alphabetically."""
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write a manifest atomically, in the format its extension names.
 

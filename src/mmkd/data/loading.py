@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from mmkd.config import AudioConfig, DataConfig, ImageConfig
 from mmkd.errors import DataError
 from mmkd.data import wav
-from mmkd.manifest import Manifest, read_manifest
+from mmkd.manifest import Manifest, label_order, read_manifest
 from mmkd.runs import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -264,11 +264,3 @@ def _row_message(manifest: Manifest, row_number: int, row_id: str, column: str, 
         f"{manifest.path}, row {row_number + 1} (id {row_id!r}), column {column!r}: {path} cannot be used "
         f"because {reason}. Fix or replace the file, or remove the row from the manifest."
     )
-
-
-def label_order(label: str) -> tuple[int, float | str]:
-    """Sort numeric labels numerically ("2" before "10") and others alphabetically."""
-    try:
-        return (0, float(label))
-    except ValueError:
-        return (1, label)

@@ -20,9 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from mmkd.config import RunConfig
-from mmkd.data.loading import label_order
 from mmkd.errors import ConfigError
-from mmkd.manifest import SPLITS, read_manifest, write_manifest
+from mmkd.manifest import SPLITS, label_order, read_manifest, write_manifest
 from mmkd.runs import atomic_write, atomic_write_json
 from mmkd.validation.gx_suite import Check, build_checks, build_dataset_checks, run_suite
 from mmkd.validation.probes import probe_manifest, write_probe_table
