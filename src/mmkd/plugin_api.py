@@ -1,4 +1,4 @@
-"""The contract between mmkd and its fusion and loss plugins.
+"""The contract between mmkd and its fusion, alignment and loss plugins.
 
 A plugin is an `nn.Module` subclass with a nested pydantic model `Params` that holds
 its options, and a class attribute `plugin_api` naming the version of this contract it
@@ -86,3 +86,38 @@ class LossPlugin(nn.Module):
 
     def forward(self, inputs: DistillationInputs) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+
+class AlignmentPlugin(nn.Module):
+    """Aligns source features with target features: student with teacher, or one modality with another.
+
+    Subclasses take `(params, *, source_dim, target_dim)` in `__init__` and implement
+    `forward(source, target)`, which maps a (batch, source_dim) and a (batch, target_dim)
+    tensor to a scalar alignment loss, differentiable with respect to `source` and the
+    plugin's own parameters. The target is a reference: implementations detach it.
+
+    Methods with a closed-form solution (such as TCA, CORAL recolouring, linear CCA and
+    orthogonal Procrustes) also implement `fit(source, target)` on stored features, which
+    estimates their map without gradients, and `transform(source)`, which applies the
+    fitted map to new samples. The base class raises `NotImplementedError` for both.
+    """
+
+    plugin_api = PLUGIN_API_VERSION
+    Params: type[PluginParams] = PluginParams
+
+    def __init__(self, params: PluginParams, *, source_dim: int, target_dim: int) -> None:
+        super().__init__()
+        self.params = params
+        self.source_dim = source_dim
+        self.target_dim = target_dim
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def fit(self, source: torch.Tensor, target: torch.Tensor) -> AlignmentPlugin:
+        """Estimate the closed-form map from stored features and return self."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form fit; train it through forward().")
+
+    def transform(self, source: torch.Tensor) -> torch.Tensor:
+        """Map new source samples with the fitted map."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form transform.")
