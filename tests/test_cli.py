@@ -78,9 +78,37 @@ def test_plugins_command_lists_the_built_in_plugins(capsys):
         assert entry in listed
 
 
-def test_plugins_list_says_when_a_kind_has_no_plugins(capsys):
+def test_plugins_list_says_when_a_kind_has_no_plugins(capsys, monkeypatch):
+    from mmkd import registry
+
+    # A registry of the alignment kind that scans an entry-point group nobody declares.
+    monkeypatch.setitem(registry._REGISTRIES, "alignment", registry.Registry("alignment", "mmkd.tests.no-such-group"))
     assert main(["plugins", "list", "--kind", "alignment"]) == 0
     assert capsys.readouterr().out.split() == ["alignment", "(no", "plugins", "installed)"]
+
+
+def test_plugins_list_json_describes_parameters(capsys):
+    assert main(["plugins", "list", "--kind", "losses", "--json"]) == 0
+    listed = {info["name"]: info for info in json.loads(capsys.readouterr().out)}
+    assert listed["hinton"]["params"]["alpha"] == {
+        "type": "float", "default": "0.9",
+        "description": "Weight of the soft-target term. The label cross-entropy gets 1 - alpha.",
+    }
+    assert listed["hinton"]["source"] == "mmkd.plugins.losses:HintonLoss (distribution mmkd)"
+    assert listed["hinton"]["error"] is None
+
+
+def test_plugins_show_prints_formula_and_parameters(capsys):
+    assert main(["plugins", "show", "tensor"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tensor (fusion) from mmkd.plugins.fusion:TensorFusion")
+    assert "Z = [z_1; 1] ⊗ [z_2; 1]" in out
+    assert "  dim: int = 8  Width each modality is projected to before the product." in out
+
+
+def test_plugins_show_unknown_name_suggests_closest(capsys):
+    assert main(["plugins", "show", "lowrnk"]) == 2
+    assert "No plugin is named 'lowrnk'. Did you mean 'lowrank'?" in capsys.readouterr().err
 
 
 def test_installed_console_command_reports_a_missing_config_without_traceback(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import logging
 import sys
 import time
@@ -53,9 +55,11 @@ def _build_parser() -> argparse.ArgumentParser:
     avdigits.add_argument("--per-digit", type=int, default=None, help="Keep N recordings per digit.")
     avdigits.add_argument("--download", action="store_true", help="Download FSDD when --fsdd-dir is not given.")
 
-    plugins = commands.add_parser("plugins", help="List the fusion, alignment and loss plugins.")
-    plugins.add_argument("action", nargs="?", choices=["list"], default="list", help="What to do (default: list).")
-    plugins.add_argument("--kind", choices=["fusion", "alignment", "losses"], default=None)
+    plugins = commands.add_parser("plugins", help="List the fusion, alignment and loss plugins, or show one.")
+    plugins.add_argument("action", nargs="?", choices=["list", "show"], default="list", help="What to do (default: list).")
+    plugins.add_argument("name", nargs="?", help="With show: the plugin's name.")
+    plugins.add_argument("--kind", choices=["fusion", "alignment", "losses"], default=None, help="Only this kind.")
+    plugins.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     return parser
 
 
@@ -111,16 +115,55 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "plugins":
-        from mmkd.registry import get_registry
-
-        for kind in [args.kind] if args.kind else ["fusion", "alignment", "losses"]:
-            registry = get_registry(kind)
-            if not registry.names():
-                print(f"{kind:<10} (no plugins installed)")
-            for name in registry.names():
-                print(f"{kind:<10} {name:<12} {registry.source(name)}")
-        return 0
+        return _plugins(args)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from mmkd.docgen import plugin_info
+    from mmkd.registry import get_registry
+
+    kinds = [args.kind] if args.kind else ["fusion", "alignment", "losses"]
+    if args.action == "list":
+        if args.name:
+            raise ConfigError(f"plugins list takes no name (got {args.name!r}); use `mmkd plugins show {args.name}`.")
+        found = [plugin_info(kind, name) for kind in kinds for name in get_registry(kind).names()]
+        if args.json:
+            print(json.dumps(found, indent=2))
+            return 0
+        for kind in kinds:
+            of_kind = [info for info in found if info["kind"] == kind]
+            if not of_kind:
+                print(f"{kind:<10} (no plugins installed)")
+            for info in of_kind:
+                summary = f"FAILED TO LOAD: {str(info['error']).splitlines()[0]}" if info["error"] else info["summary"]
+                print(f"{kind:<10} {info['name']:<22} {summary}")
+        return 0
+
+    if not args.name:
+        raise ConfigError("plugins show needs a plugin name, such as `mmkd plugins show hinton`.")
+    matches = [kind for kind in kinds if args.name in get_registry(kind).names()]
+    if not matches:
+        every = sorted(name for kind in kinds for name in get_registry(kind).names())
+        close = difflib.get_close_matches(args.name, every, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"No plugin is named {args.name!r}.{hint} `mmkd plugins list` shows them all.")
+    if len(matches) > 1:
+        raise ConfigError(f"{args.name!r} names a plugin of each kind {', '.join(matches)}; add --kind.")
+    info = plugin_info(matches[0], args.name)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['name']} ({info['kind']}) from {info['source']}\n")
+    if info["error"]:
+        print(info["error"])
+        return RUN_ERROR
+    print(info["doc"])
+    if info["params"]:
+        print("\nParameters:")
+        for field_name, field in info["params"].items():
+            print(f"  {field_name}: {field['type']} = {field['default']}  {field['description']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from mmkd.config import RunConfig
+from mmkd.errors import PluginLoadError
 from mmkd.registry import get_registry
 
 KINDS = ("fusion", "alignment", "losses")
@@ -86,6 +87,28 @@ def config_reference() -> str:
         lines += _model_section(model, prefix, found)
         queue += found
     return "\n".join(lines).rstrip() + "\n"
+
+
+def plugin_info(kind: str, name: str) -> dict[str, object]:
+    """Describe one registered plugin: its source, docstring and parameters, or why it does not load.
+
+    Returns:
+        A JSON-ready dict with kind, name, source, summary (the docstring's first line),
+        doc, params (name -> type, default, description) and error (None when it loads).
+    """
+    registry = get_registry(kind)
+    info: dict[str, object] = {"kind": kind, "name": name, "source": registry.source(name)}
+    try:
+        plugin = registry.get(name)
+    except PluginLoadError as exc:
+        return {**info, "summary": "", "doc": "", "params": {}, "error": str(exc)}
+    doc = inspect.cleandoc(plugin.__doc__ or "")
+    params = {
+        field_name: {"type": _type_name(field.annotation).replace("\\|", "|"), "default": _default(field).strip("`"),
+                     "description": field.description or ""}
+        for field_name, field in plugin.Params.model_fields.items()
+    }
+    return {**info, "summary": doc.splitlines()[0] if doc else "", "doc": doc, "params": params, "error": None}
 
 
 def plugin_catalog() -> str:
