@@ -58,3 +58,10 @@ def test_validation_howto_names_every_check(tmp_path):
             name = re.sub(pattern, general, name)
         generic.add(name)
     assert generic - documented == set()
+
+
+def test_plugin_howto_shows_the_fixture_word_for_word():
+    fixture = Path(__file__).parent / "fixtures" / "mmkd-example-plugin"
+    page = (DOCS / "plugins.md").read_text(encoding="utf-8")
+    for name in ("src/mmkd_example_plugin/__init__.py", "pyproject.toml"):
+        assert (fixture / name).read_text(encoding="utf-8") in page, name

@@ -111,12 +111,139 @@ def plugin_info(kind: str, name: str) -> dict[str, object]:
     return {**info, "summary": doc.splitlines()[0] if doc else "", "doc": doc, "params": params, "error": None}
 
 
+# The example is the test fixture, word for word; a test keeps the two equal.
+PLUGIN_HOWTO = '''\
+## Writing and publishing a plugin
+
+Plugins are found through Python entry points, the same way for mmkd's own and for
+yours. A plugin is a distribution that declares one entry point per plugin in the group
+of its kind: `mmkd.fusion`, `mmkd.alignment` or `mmkd.losses`. The example below is
+the test fixture `tests/fixtures/mmkd-example-plugin`, which the test suite installs with
+pip and uses from a config.
+
+### 1. Write the class
+
+Subclass the base of your kind from `mmkd.plugin_api` and follow its contract:
+
+- `LossPlugin(params, *, student_dim, teacher_dim)`, `forward(DistillationInputs)` returns a
+  scalar. Detach the teacher tensors. Parameters the loss owns (such as a projection)
+  are trained with the student.
+- `FusionPlugin(input_dims, params)` sets `output_dim`; `forward(features, mask)` takes one
+  (batch, width) tensor per modality and a (batch, modalities) bool mask. A missing
+  modality must not change the output, even when its features are NaN.
+- `AlignmentPlugin(params, *, source_dim, target_dim)`, `forward(source, target)` returns a
+  scalar; closed-form methods also implement `fit(source, target)` and `transform(source)`.
+- Options go in a nested `Params(PluginParams)` model, so unknown keys and values out of
+  bounds are rejected with the key named. Give every field a description: `mmkd plugins
+  show` and this page print them.
+- Keep `plugin_api = PLUGIN_API_VERSION`. A plugin written for another API version is
+  skipped with a warning that names both versions.
+- Document the formula, the paper and a YAML example in the class docstring.
+
+```python
+# src/mmkd_example_plugin/__init__.py
+"""An example third-party mmkd plugin: an L1 hint loss between projected student and teacher features."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mmkd.plugin_api import PLUGIN_API_VERSION, DistillationInputs, LossPlugin, PluginParams
+
+
+class L1HintLoss(LossPlugin):
+    """Mean absolute error between linearly projected student features and teacher features.
+
+    Formula: loss = 1 / (B * D) * sum_b sum_d |(W s_b + c - t_b)_d|, D = teacher_dim.
+
+    Config example:
+
+    ```yaml
+    distill:
+      losses:
+        - {name: l1_hint, weight: 1.0, params: {scale: 1.0}}
+    ```
+    """
+
+    plugin_api = PLUGIN_API_VERSION
+
+    class Params(PluginParams):
+        """Options of `L1HintLoss`."""
+
+        scale: float = Field(default=1.0, gt=0.0, description="Factor the loss is multiplied by.")
+
+    def __init__(self, params: Params, *, student_dim: int, teacher_dim: int) -> None:
+        super().__init__(params, student_dim=student_dim, teacher_dim=teacher_dim)
+        self.projection = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, inputs: DistillationInputs) -> torch.Tensor:
+        """Compute the scalar loss from the student and teacher features."""
+        predicted = self.projection(inputs.student_features)
+        return self.params.scale * (predicted - inputs.teacher_features.detach()).abs().mean()
+```
+
+### 2. Declare the entry point
+
+```toml
+# A third-party plugin distribution, as someone outside mmkd would publish it.
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "mmkd-example-plugin"
+version = "0.1.0"
+description = "An L1 feature-hint loss for mmkd."
+requires-python = ">=3.10"
+# A published plugin states the mmkd it was written for, e.g. "mmkd>=0.1,<0.2".
+dependencies = []
+
+[project.entry-points."mmkd.losses"]
+l1_hint = "mmkd_example_plugin:L1HintLoss"
+
+[tool.setuptools.packages.find]
+where = ["src"]
+```
+
+### 3. Install, check, use
+
+```bash
+pip install ./mmkd-example-plugin
+mmkd plugins show l1_hint
+```
+
+`mmkd plugins list` now lists `l1_hint` with its distribution, and a config uses it by
+name:
+
+```yaml
+distill:
+  losses:
+    - {name: hinton, weight: 1.0}
+    - {name: l1_hint, weight: 2.0, params: {scale: 0.5}}
+```
+
+A name used twice, by two distributions or by yours and a built-in one, raises an error
+naming both sources, so pick a distinctive name. A plugin that fails to import does not
+break the others; using it raises an error that carries the original traceback.
+
+### 4. Publish
+
+Build and upload the distribution as any Python package (`python -m build`, then
+`twine upload dist/*`). Name it `mmkd-<something>` so it is easy to find, and state the
+mmkd releases it works with in `dependencies` (for example `"mmkd>=0.1,<0.2"`). Test it the
+way the fixture is tested: install it into a fresh folder, construct the plugin, and
+compare its output with an independent computation.
+'''
+
+
 def plugin_catalog() -> str:
     """Return every registered plugin with its parameters and docstring, in markdown."""
     lines = ["# Plugin catalog", "",
              "Generated by `python -m mmkd.docgen docs/` from the plugins' docstrings and parameter",
              "models; do not edit by hand. `mmkd plugins` lists what is installed, third-party",
-             "plugins included.", ""]
+             "plugins included.", "", PLUGIN_HOWTO]
     for kind in KINDS:
         registry = get_registry(kind)
         lines += [f"## {kind}", ""]
