@@ -30,6 +30,7 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
         teacher_dim=teacher_embeddings.shape[1],
         teacher_logits=teacher_logits,
         teacher_embeddings=teacher_embeddings,
+        alignment=config.distill.alignment,
     ).to(device)
     result = fit(
         student, train, val, config.distill.train, objective,

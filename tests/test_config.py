@@ -5,6 +5,7 @@ import yaml
 
 from mmkd.config import RunConfig, config_from_dict, load_config
 from mmkd.errors import ConfigError
+from mmkd.registry import get_registry
 
 
 def write_yaml(path: Path, data) -> Path:
@@ -50,8 +51,9 @@ def test_unknown_fusion_name_gives_a_short_message(tmp_path):
     with pytest.raises(ConfigError) as info:
         config_from_dict(raw, base_dir=tmp_path)
     message = str(info.value)
+    available = ", ".join(get_registry("fusion").names())
     assert message == (
-        "config: teacher.fusion.name: Unknown fusion plugin 'attn'. Available: attention, concat. "
+        f"config: teacher.fusion.name: Unknown fusion plugin 'attn'. Available: {available}. "
         "Did you mean 'attention'?"
     )
 

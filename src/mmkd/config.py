@@ -176,6 +176,10 @@ class StudentConfig(ModelConfig):
     embed_dim: int = Field(32, ge=2, le=4096, description="Width of each modality embedding.")
 
 
+class AlignmentTerm(LossTerm):
+    """One alignment term: an alignment plugin applied to the student's and the teacher's fused embeddings."""
+
+
 class DistillConfig(_Strict):
     """Distillation of the student against stored teacher outputs."""
 
@@ -186,6 +190,10 @@ class DistillConfig(_Strict):
         ],
         min_length=1,
         description="The objective: the weighted sum of these named loss terms.",
+    )
+    alignment: list[AlignmentTerm] = Field(
+        default_factory=list,
+        description="Alignment terms added to the objective: each aligns the student embedding with the teacher's.",
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=25, patience=8), description="Distillation schedule.")
 
@@ -321,6 +329,7 @@ class RunConfig(_Strict):
 
         checks = [("teacher.fusion", "fusion", self.teacher.fusion), ("student.fusion", "fusion", self.student.fusion)]
         checks += [(f"distill.losses[{i}]", "losses", term) for i, term in enumerate(self.distill.losses)]
+        checks += [(f"distill.alignment[{i}]", "alignment", term) for i, term in enumerate(self.distill.alignment)]
         for key, kind, choice in checks:
             try:
                 plugin = get_registry(kind).get(choice.name)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmkd.config import LossTerm
+from mmkd.config import AlignmentTerm, LossTerm
 from mmkd.plugin_api import DistillationInputs
 from mmkd.registry import get_registry
 from mmkd.training import Batch
 
 
 class DistillationObjective(nn.Module):
-    """Sum of `weight * term(inputs)` over the configured loss terms.
+    """Sum of `weight * term(inputs)` over the configured loss terms and alignment terms.
 
     Teacher outputs are looked up by row position in `teacher_logits` and
-    `teacher_embeddings`, which hold the stored outputs of the training rows.
+    `teacher_embeddings`, which hold the stored outputs of the training rows. An
+    alignment term gets the student embedding as source and the teacher's as target.
     """
 
     def __init__(
@@ -26,15 +27,23 @@ class DistillationObjective(nn.Module):
         teacher_dim: int,
         teacher_logits: torch.Tensor,
         teacher_embeddings: torch.Tensor,
+        alignment: list[AlignmentTerm] | None = None,
     ) -> None:
         super().__init__()
-        registry = get_registry("losses")
-        self.names = [f"{t.name}" if [u.name for u in terms].count(t.name) == 1 else f"{t.name}_{i}" for i, t in enumerate(terms)]
-        self.weights = [t.weight for t in terms]
-        self.terms = nn.ModuleList(
-            registry.get(t.name)(registry.get(t.name).Params(**t.params), student_dim=student_dim, teacher_dim=teacher_dim)
-            for t in terms
-        )
+        losses, aligners = get_registry("losses"), get_registry("alignment")
+        alignment = alignment or []
+        every = [t.name for t in [*terms, *alignment]]
+        self.names = [name if every.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(every)]
+        self.weights = [t.weight for t in [*terms, *alignment]]
+        self.is_alignment = [False] * len(terms) + [True] * len(alignment)
+        built = []
+        for t in terms:
+            plugin = losses.get(t.name)
+            built.append(plugin(plugin.Params(**t.params), student_dim=student_dim, teacher_dim=teacher_dim))
+        for t in alignment:
+            plugin = aligners.get(t.name)
+            built.append(plugin(plugin.Params(**t.params), source_dim=student_dim, target_dim=teacher_dim))
+        self.terms = nn.ModuleList(built)
         self.register_buffer("teacher_logits", teacher_logits)
         self.register_buffer("teacher_embeddings", teacher_embeddings)
 
@@ -50,8 +59,8 @@ class DistillationObjective(nn.Module):
         )
         total = logits.new_zeros(())
         values = {}
-        for name, weight, term in zip(self.names, self.weights, self.terms, strict=True):
-            value = term(inputs)
+        for name, weight, term, aligns in zip(self.names, self.weights, self.terms, self.is_alignment, strict=True):
+            value = term(inputs.student_features, inputs.teacher_features) if aligns else term(inputs)
             values[name] = float(value.detach())
             total = total + weight * value
         return total, values
