@@ -23,6 +23,7 @@ from mmkd.registry import get_registry
 from conftest import TINY_CONFIG
 
 HINTON = {"name": "hinton", "weight": 1.0}
+SAME_WIDTH_ALIGNMENT = {"tca", "coral"}
 PLUGINS = [(kind, name) for kind in ("fusion", "losses", "alignment") for name in get_registry(kind).names()]
 
 
@@ -50,6 +51,9 @@ def plugin_config(kind: str, name: str, teacher_run) -> dict:
         config["distill"]["losses"] = [{"name": name, "weight": 1.0}]
     else:
         config["distill"]["alignment"] = [{"name": name, "weight": 0.5}]
+        if name in SAME_WIDTH_ALIGNMENT:
+            # TCA and CORAL need the student embedding as wide as the teacher's (32).
+            config["student"]["fusion"] = {"name": "attention", "params": {"dim": 32, "heads": 2}}
     return config
 
 

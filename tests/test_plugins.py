@@ -552,7 +552,9 @@ def _build(kind: str, name: str, seed: int) -> torch.nn.Module:
     if kind == "fusion":
         return plugin_class(INPUT_DIMS, plugin_class.Params())
     if kind == "alignment":
-        return plugin_class(plugin_class.Params(), source_dim=STUDENT_DIM, target_dim=TEACHER_DIM)
+        # TCA and CORAL work within one feature space, so they get equal widths.
+        source_dim = TEACHER_DIM if name in SAME_WIDTH_ALIGNMENT else STUDENT_DIM
+        return plugin_class(plugin_class.Params(), source_dim=source_dim, target_dim=TEACHER_DIM)
     return plugin_class(plugin_class.Params(), student_dim=STUDENT_DIM, teacher_dim=TEACHER_DIM)
 
 
@@ -560,7 +562,8 @@ def _call(kind: str, plugin: torch.nn.Module, dtype: torch.dtype) -> torch.Tenso
     generator = torch.Generator().manual_seed(4)
     if kind == "fusion":
         return plugin([tensor.to(dtype) for tensor in _features(seed=5)], MASK)
-    student = torch.randn(8, STUDENT_DIM, generator=generator).to(dtype)
+    source_dim = plugin.source_dim if kind == "alignment" else STUDENT_DIM
+    student = torch.randn(8, source_dim, generator=generator).to(dtype)
     teacher = torch.randn(8, TEACHER_DIM, generator=generator).to(dtype)
     if kind == "alignment":
         return plugin(student, teacher)
@@ -573,6 +576,7 @@ def _call(kind: str, plugin: torch.nn.Module, dtype: torch.dtype) -> torch.Tenso
     ))
 
 
+SAME_WIDTH_ALIGNMENT = {"tca", "coral"}
 EVERY_PLUGIN = [(kind, name) for kind in ("fusion", "alignment", "losses") for name in get_registry(kind).names()]
 
 
