@@ -80,7 +80,7 @@ def test_late_fusion_head_averages_per_modality_logits():
     torch.testing.assert_close(fused_logits[row : row + 1], averaged, atol=1e-6, rtol=0)
 
 
-def test_gmu_with_two_modalities_is_the_sigmoid_gated_unit():
+def test_gmu_two_modalities_is_sigmoid_unit():
     torch.manual_seed(3)
     dims = (5, 7)
     mask = torch.ones(4, 2, dtype=torch.bool)
