@@ -1,8 +1,8 @@
 """Every registered plugin, named in a config, trains a student through the pipeline's stage flows.
 
-One tiny teacher is trained on the 120-row real data and its outputs are stored; each
-plugin then gets a run folder of its own whose config names it (as the student's fusion,
-as the only loss term, or as an alignment term next to hinton), and the distill and finetune
+One tiny teacher is trained on the 120-row real data, and its outputs are stored. Each
+plugin then gets a run folder of its own whose config names it: as the student's fusion,
+as the only loss term, or as an alignment term next to hinton. The distill and finetune
 flows run there for one epoch.
 """
 
