@@ -31,6 +31,7 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
         teacher_logits=teacher_logits,
         teacher_embeddings=teacher_embeddings,
         alignment=config.distill.alignment,
+        student=student,
     ).to(device)
     result = fit(
         student, train, val, config.distill.train, objective,

@@ -80,3 +80,18 @@ def test_plugin_named_in_a_config_trains_a_student(kind, name, teacher_run):
         assert terms == ["hinton", name]
     assert math.isfinite(distilled["training"]["best_val_accuracy"])
     assert finetuned["params"] == distilled["params"]
+
+
+def test_alignment_between_modalities_trains_in_the_pipeline(teacher_run):
+    folder = teacher_run.parent / "between-modalities"
+    folder.mkdir()
+    raw = plugin_config("alignment", "clip", teacher_run)
+    raw["distill"]["alignment"] = [{"name": "clip", "weight": 0.5, "modalities": ["image", "audio"]}]
+    config = config_from_dict(raw, base_dir=folder)
+    save_config(config, folder / "config.yaml")
+
+    teacher_flow.fn(str(folder))
+    extract_flow.fn(str(folder))
+    distilled = distill_flow.fn(str(folder))
+    assert distilled["training"]["loss_terms"] == ["hinton", "clip:image-audio"]
+    assert math.isfinite(distilled["training"]["best_val_accuracy"])

@@ -177,7 +177,20 @@ class StudentConfig(ModelConfig):
 
 
 class AlignmentTerm(LossTerm):
-    """One alignment term: an alignment plugin applied to the student's and the teacher's fused embeddings."""
+    """One alignment term: an alignment plugin applied to two of the student's embeddings.
+
+    By default it aligns the student's fused embedding (source) with the teacher's
+    (target). With `modalities: [image, audio]` it aligns the student's image embedding
+    with its audio embedding, on the rows that have both; the second modality is the
+    target and gets no gradient from this term.
+    """
+
+    modalities: list[Literal["image", "audio"]] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="Two modalities of the student to align with each other; None aligns the student with the teacher.",
+    )
 
 
 class DistillConfig(_Strict):
@@ -330,6 +343,14 @@ class RunConfig(_Strict):
         checks = [("teacher.fusion", "fusion", self.teacher.fusion), ("student.fusion", "fusion", self.student.fusion)]
         checks += [(f"distill.losses[{i}]", "losses", term) for i, term in enumerate(self.distill.losses)]
         checks += [(f"distill.alignment[{i}]", "alignment", term) for i, term in enumerate(self.distill.alignment)]
+        for i, term in enumerate(self.distill.alignment):
+            if term.modalities is None:
+                continue
+            if term.modalities[0] == term.modalities[1] or not set(term.modalities) <= set(self.data.modalities):
+                raise ValueError(
+                    f"distill.alignment[{i}].modalities: {term.modalities} must name two different modalities "
+                    f"of data.modalities {self.data.modalities}"
+                )
         for key, kind, choice in checks:
             try:
                 plugin = get_registry(kind).get(choice.name)

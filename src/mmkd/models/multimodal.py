@@ -47,10 +47,15 @@ class MultimodalClassifier(nn.Module):
         self.fusion = fusion_cls([config.embed_dim] * len(self.modalities), fusion_cls.Params(**config.fusion.params))
         self.embedding_dim = self.fusion.output_dim
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(self.fusion.output_dim, num_classes))
+        self.embed_dim = config.embed_dim
+        self.modality_features: list[torch.Tensor] = []
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         *inputs, mask = args
         features = [self.encoders[m](x) for m, x in zip(self.modalities, inputs, strict=True)]
+        if self.training:
+            # Kept for loss terms that align one modality's embedding with another's.
+            self.modality_features = features
         embedding = self.fusion(features, mask)
         return self.head(embedding), embedding
 
