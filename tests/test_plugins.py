@@ -40,6 +40,8 @@ MASK = torch.tensor(
 STUDENT_DIM = 6
 TEACHER_DIM = 10
 NUM_CLASSES = 4
+# TCA and CORAL work within one feature space, so they get equal widths.
+SAME_WIDTH_ALIGNMENT = {"tca", "coral"}
 
 
 def _features(seed: int, batch: int = MASK.shape[0]) -> list[torch.Tensor]:
@@ -274,6 +276,28 @@ def test_loss_plugin_meets_contract(name: str) -> None:
     assert any(grad is not None and grad.abs().sum() > 0 for grad in student_grads)
     assert inputs.teacher_logits.grad is None
     assert inputs.teacher_features.grad is None
+    for param_name, param in plugin.named_parameters():
+        assert param.grad is not None, f"{param_name} got no gradient"
+        assert param.grad.abs().sum() > 0, f"{param_name} got an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", get_registry("alignment").names())
+def test_alignment_plugin_meets_contract(name: str) -> None:
+    torch.manual_seed(0)
+    plugin_class = get_registry("alignment").get(name)
+    source_dim = TEACHER_DIM if name in SAME_WIDTH_ALIGNMENT else STUDENT_DIM
+    plugin = plugin_class(plugin_class.Params(), source_dim=source_dim, target_dim=TEACHER_DIM)
+    generator = torch.Generator().manual_seed(3)
+    source = torch.randn(12, source_dim, generator=generator).requires_grad_()
+    target = torch.randn(12, TEACHER_DIM, generator=generator).requires_grad_()
+
+    loss = plugin(source, target)
+    loss.backward()
+
+    assert loss.dim() == 0
+    assert torch.isfinite(loss)
+    assert source.grad is not None and source.grad.abs().sum() > 0
+    assert target.grad is None
     for param_name, param in plugin.named_parameters():
         assert param.grad is not None, f"{param_name} got no gradient"
         assert param.grad.abs().sum() > 0, f"{param_name} got an all-zero gradient"
@@ -552,7 +576,6 @@ def _build(kind: str, name: str, seed: int) -> torch.nn.Module:
     if kind == "fusion":
         return plugin_class(INPUT_DIMS, plugin_class.Params())
     if kind == "alignment":
-        # TCA and CORAL work within one feature space, so they get equal widths.
         source_dim = TEACHER_DIM if name in SAME_WIDTH_ALIGNMENT else STUDENT_DIM
         return plugin_class(plugin_class.Params(), source_dim=source_dim, target_dim=TEACHER_DIM)
     return plugin_class(plugin_class.Params(), student_dim=STUDENT_DIM, teacher_dim=TEACHER_DIM)
@@ -576,7 +599,6 @@ def _call(kind: str, plugin: torch.nn.Module, dtype: torch.dtype) -> torch.Tenso
     ))
 
 
-SAME_WIDTH_ALIGNMENT = {"tca", "coral"}
 EVERY_PLUGIN = [(kind, name) for kind in ("fusion", "alignment", "losses") for name in get_registry(kind).names()]
 
 
