@@ -21,16 +21,12 @@ from scipy.spatial.distance import pdist, squareform
 from scipy.special import logsumexp, softmax
 
 from mmkd.plugin_api import DistillationInputs, LossPlugin
-from mmkd.plugins.losses import (
-    AttentionTransferLoss,
+from mmkd.plugins.feature_losses import AttentionTransferLoss, CosineLoss, FeatureMSELoss, FitNetsLoss
+from mmkd.plugins.losses import DKDLoss, KLDivergenceLoss
+from mmkd.plugins.relation_losses import (
     CKALoss,
     CLIPKDLoss,
-    CosineLoss,
     CRDLoss,
-    DKDLoss,
-    FeatureMSELoss,
-    FitNetsLoss,
-    KLDivergenceLoss,
     PKTLoss,
     RKDLoss,
     SimilarityPreservingLoss,

@@ -23,7 +23,8 @@ from mmkd.plugin_api import (
     PluginParams,
 )
 from mmkd.plugins.fusion import AttentionFusion, ConcatFusion
-from mmkd.plugins.losses import FeatureMSELoss, HintonLoss, KLDivergenceLoss
+from mmkd.plugins.feature_losses import FeatureMSELoss
+from mmkd.plugins.losses import HintonLoss, KLDivergenceLoss
 from mmkd.registry import Registry, get_registry
 
 INPUT_DIMS = (5, 7, 3)
