@@ -1,7 +1,7 @@
 """Built-in relation distillation losses: similarity preserving, RKD, PKT, CRD, CKA and CLIP-KD.
 
 Relation terms compare the examples of one batch with each other, so they need at least
-two rows; a batch with fewer gives a zero that still backpropagates. Every term takes
+two rows. A batch with fewer gives a zero that still backpropagates. Every term takes
 one fused embedding per example, so a method defined on feature maps or inner layers is
 applied to that embedding. Teacher features are detached.
 """
