@@ -18,12 +18,18 @@ def test_wheel_maps_flows_and_plugins_into_the_mmkd_package(tmp_path):
     top_level = {name.split("/")[0] for name in names}
     assert top_level == {"mmkd", next(n for n in top_level if n.endswith(".dist-info"))}
     for module in ("mmkd/flows/pipeline.py", "mmkd/flows/teacher.py", "mmkd/plugins/fusion.py",
-                   "mmkd/plugins/losses.py", "mmkd/configs/avdigits.yaml", "mmkd/validation/probes.py"):
+                   "mmkd/plugins/losses.py", "mmkd/plugins/relation_losses.py", "mmkd/plugins/alignment.py",
+                   "mmkd/configs/avdigits.yaml", "mmkd/validation/probes.py"):
         assert module in names
     for init in (ROOT / "src" / "mmkd").rglob("__init__.py"):
         assert f"mmkd/{init.parent.relative_to(ROOT / 'src' / 'mmkd').as_posix()}/__init__.py".replace("mmkd/./", "mmkd/") in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "[mmkd.losses]\nhinton = mmkd.plugins.losses:HintonLoss" in entry_points
+    # Sections are [group] headers followed by "name = module:object" lines.
+    groups = dict(section.split("]\n", 1) for section in entry_points.strip().lstrip("[").split("\n\n["))
+    assert "hinton = mmkd.plugins.losses:HintonLoss" in groups["mmkd.losses"].splitlines()
+    assert "rkd = mmkd.plugins.relation_losses:RKDLoss" in groups["mmkd.losses"].splitlines()
+    assert "tca = mmkd.plugins.alignment:TCAAlignment" in groups["mmkd.alignment"].splitlines()
+    assert "lowrank = mmkd.plugins.fusion:LowRankFusion" in groups["mmkd.fusion"].splitlines()
     assert "mmkd = mmkd.cli:main" in entry_points
 
 
