@@ -65,7 +65,9 @@ class ConcatFusion(FusionPlugin):
     """Early fusion: concatenate the modality embeddings, with missing ones set to zero.
 
     Formula: z = dropout([x_1 * m_1 ; x_2 * m_2 ; ... ; x_M * m_M]), where m_i is 1 when
-    the row has modality i and 0 otherwise. The output width is sum(input_dims).
+    the row has modality i and 0 otherwise. The output width is sum(input_dims). This is
+    the feature-level (early) fusion that Snoek, Worring & Smeulders, "Early versus Late
+    Fusion in Semantic Video Analysis" (ACM Multimedia 2005), compare with late fusion.
 
     Config example:
 

@@ -78,10 +78,10 @@ def test_plugins_command_lists_the_built_in_plugins(capsys):
         assert entry in listed
 
 
-def test_plugins_list_says_when_a_kind_has_no_plugins(capsys, monkeypatch):
+def test_plugins_list_empty_kind(capsys, monkeypatch):
     from mmkd import registry
 
-    # A registry of the alignment kind that scans an entry-point group nobody declares.
+    # A registry of the alignment kind that scans an entry-point group that no distribution declares.
     monkeypatch.setitem(registry._REGISTRIES, "alignment", registry.Registry("alignment", "mmkd.tests.no-such-group"))
     assert main(["plugins", "list", "--kind", "alignment"]) == 0
     assert capsys.readouterr().out.split() == ["alignment", "(no", "plugins", "installed)"]

@@ -45,7 +45,7 @@ def test_alignment_between_modalities_uses_rows_with_both(tmp_path):
     )
     assert objective.names == ["hinton", "deep_coral:image-audio"]
 
-    # Rows 1 and 4 lack audio, so the term sees rows 0, 2, 3 and 5 only.
+    # Rows 1 and 4 lack audio, so the term reads rows 0, 2, 3 and 5 only.
     mask = torch.tensor([[True, True], [True, False], [True, True], [True, True], [True, False], [True, True]])
     inputs = batch(6, mask)
     outputs = student(*inputs[0])
@@ -64,7 +64,7 @@ def test_alignment_between_modalities_uses_rows_with_both(tmp_path):
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in student.encoders["audio"].parameters())
 
 
-def test_alignment_between_modalities_with_one_shared_row_is_zero(tmp_path):
+def test_modality_alignment_one_shared_row_is_zero(tmp_path):
     config = tiny_config(tmp_path, alignment=[{"name": "clip", "modalities": ["audio", "image"]}])
     student = build_model(config, "student", CLASSES).train()
     objective = DistillationObjective(

@@ -181,8 +181,8 @@ class AlignmentTerm(LossTerm):
 
     By default it aligns the student's fused embedding (source) with the teacher's
     (target). With `modalities: [image, audio]` it aligns the student's image embedding
-    with its audio embedding, on the rows that have both; the second modality is the
-    target and gets no gradient from this term.
+    with its audio embedding, on the rows that have both. The second modality is the
+    target, so it gets no gradient from this term.
     """
 
     modalities: list[Literal["image", "audio"]] | None = Field(
