@@ -41,8 +41,9 @@ class FeatureMSELoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: mse, weight: 0.5, params: {projection: true, normalize: false}}
+    distill:
+      losses:
+        - {name: mse, weight: 0.5, params: {projection: true, normalize: false}}
     ```
 
     Args:
@@ -121,8 +122,9 @@ class FitNetsLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: fitnets, weight: 1.0, params: {hidden: 256}}
+    distill:
+      losses:
+        - {name: fitnets, weight: 1.0, params: {hidden: 256}}
     ```
 
     Args:
@@ -178,8 +180,9 @@ class CosineLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: cosine, weight: 1.0, params: {projection: true}}
+    distill:
+      losses:
+        - {name: cosine, weight: 1.0, params: {projection: true}}
     ```
 
     Args:
@@ -232,8 +235,9 @@ class AttentionTransferLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: attention_transfer, weight: 1.0, params: {exponent: 2.0, projection: true}}
+    distill:
+      losses:
+        - {name: attention_transfer, weight: 1.0, params: {exponent: 2.0, projection: true}}
     ```
 
     Args:

@@ -72,9 +72,10 @@ class ConcatFusion(FusionPlugin):
     Config example:
 
     ```yaml
-    fusion:
-      name: concat
-      params: {dropout: 0.1}
+    student:
+      fusion:
+        name: concat
+        params: {dropout: 0.1}
     ```
 
     Args:
@@ -181,9 +182,10 @@ class AttentionFusion(FusionPlugin):
     Config example:
 
     ```yaml
-    fusion:
-      name: attention
-      params: {dim: 128, heads: 4, layers: 1, dropout: 0.1}
+    student:
+      fusion:
+        name: attention
+        params: {dim: 128, heads: 4, layers: 1, dropout: 0.1}
     ```
 
     Args:
@@ -284,9 +286,10 @@ class LateFusion(FusionPlugin):
     Config example:
 
     ```yaml
-    fusion:
-      name: late
-      params: {dim: 64, learn_weights: true}
+    student:
+      fusion:
+        name: late
+        params: {dim: 64, learn_weights: true}
     ```
 
     Args:
@@ -343,9 +346,10 @@ class GatedMultimodalUnit(FusionPlugin):
     Config example:
 
     ```yaml
-    fusion:
-      name: gmu
-      params: {dim: 64}
+    student:
+      fusion:
+        name: gmu
+        params: {dim: 64}
     ```
 
     Args:
@@ -434,9 +438,10 @@ class CrossModalTransformerFusion(FusionPlugin):
     Config example:
 
     ```yaml
-    fusion:
-      name: mult
-      params: {dim: 32, heads: 4, tokens: 4, layers: 1, dropout: 0.1}
+    student:
+      fusion:
+        name: mult
+        params: {dim: 32, heads: 4, tokens: 4, layers: 1, dropout: 0.1}
     ```
 
     Args:
@@ -516,9 +521,10 @@ class TensorFusion(FusionPlugin):
     Config example:
 
     ```yaml
-    fusion:
-      name: tensor
-      params: {dim: 8, dropout: 0.1}
+    student:
+      fusion:
+        name: tensor
+        params: {dim: 8, dropout: 0.1}
     ```
 
     Args:
@@ -572,9 +578,10 @@ class LowRankFusion(FusionPlugin):
     Config example:
 
     ```yaml
-    fusion:
-      name: lowrank
-      params: {dim: 16, output_dim: 64, rank: 4}
+    student:
+      fusion:
+        name: lowrank
+        params: {dim: 16, output_dim: 64, rank: 4}
     ```
 
     Args:
@@ -634,9 +641,10 @@ class CovarianceFusion(FusionPlugin):
     Config example:
 
     ```yaml
-    fusion:
-      name: covariance
-      params: {dim: 16}
+    student:
+      fusion:
+        name: covariance
+        params: {dim: 16}
     ```
 
     Args:

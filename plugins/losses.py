@@ -46,8 +46,9 @@ class KLDivergenceLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: kl, weight: 1.0, params: {temperature: 4.0, scale_by_t_squared: true}}
+    distill:
+      losses:
+        - {name: kl, weight: 1.0, params: {temperature: 4.0, scale_by_t_squared: true}}
     ```
 
     Args:
@@ -92,8 +93,9 @@ class HintonLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: hinton, weight: 1.0, params: {temperature: 4.0, alpha: 0.9}}
+    distill:
+      losses:
+        - {name: hinton, weight: 1.0, params: {temperature: 4.0, alpha: 0.9}}
     ```
 
     Args:
@@ -155,10 +157,11 @@ class DKDLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - name: dkd
-        weight: 1.0
-        params: {alpha: 1.0, beta: 8.0, temperature: 4.0, warmup_steps: 600}
+    distill:
+      losses:
+        - name: dkd
+          weight: 1.0
+          params: {alpha: 1.0, beta: 8.0, temperature: 4.0, warmup_steps: 600}
     ```
 
     Args:

@@ -43,8 +43,9 @@ class SimilarityPreservingLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: similarity_preserving, weight: 1000.0}
+    distill:
+      losses:
+        - {name: similarity_preserving, weight: 1000.0}
     ```
 
     Args:
@@ -97,8 +98,9 @@ class RKDLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: rkd, weight: 1.0, params: {distance_weight: 25.0, angle_weight: 50.0}}
+    distill:
+      losses:
+        - {name: rkd, weight: 1.0, params: {distance_weight: 25.0, angle_weight: 50.0}}
     ```
 
     Args:
@@ -179,8 +181,9 @@ class PKTLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: pkt, weight: 1.0}
+    distill:
+      losses:
+        - {name: pkt, weight: 1.0}
     ```
 
     Args:
@@ -244,8 +247,9 @@ class CRDLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: crd, weight: 0.8, params: {embed_dim: 128, temperature: 0.07, memory_size: 4096}}
+    distill:
+      losses:
+        - {name: crd, weight: 0.8, params: {embed_dim: 128, temperature: 0.07, memory_size: 4096}}
     ```
 
     Args:
@@ -350,8 +354,9 @@ class CKALoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - {name: cka, weight: 1.0}
+    distill:
+      losses:
+        - {name: cka, weight: 1.0}
     ```
 
     Args:
@@ -406,10 +411,11 @@ class CLIPKDLoss(LossPlugin):
     Config example:
 
     ```yaml
-    losses:
-      - name: clip_kd
-        weight: 1.0
-        params: {feature_weight: 1.0, relation_weight: 1.0, temperature: 0.07}
+    distill:
+      losses:
+        - name: clip_kd
+          weight: 1.0
+          params: {feature_weight: 1.0, relation_weight: 1.0, temperature: 0.07}
     ```
 
     Args:

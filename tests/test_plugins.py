@@ -622,3 +622,21 @@ def test_plugin_runs_in_bfloat16(kind: str, name: str) -> None:
     # bfloat16 keeps 8 bits of mantissa: agree with float32 to a few percent of the scale.
     scale = reference.abs().max().clamp(min=1.0)
     assert (output.float() - reference).abs().max() <= 0.1 * scale
+
+
+@pytest.mark.parametrize(("kind", "name"), EVERY_PLUGIN, ids=[f"{k}-{n}" for k, n in EVERY_PLUGIN])
+def test_plugin_yaml_example_is_a_valid_config(kind: str, name: str, tmp_path) -> None:
+    import inspect
+
+    import yaml
+
+    from mmkd.config import config_from_dict
+
+    doc = inspect.cleandoc(get_registry(kind).get(name).__doc__ or "")
+    examples = re.findall(r"```yaml\n(.*?)```", doc, flags=re.DOTALL)
+    assert examples, f"{name} has no YAML example"
+    for example in examples:
+        config = config_from_dict({"data": {"manifest": "m.csv"}, **yaml.safe_load(example)}, base_dir=tmp_path)
+        section = config.student.fusion if kind == "fusion" else None
+        named = [section.name] if section else [t.name for t in config.distill.losses + config.distill.alignment]
+        assert name in named

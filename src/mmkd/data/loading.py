@@ -136,7 +136,7 @@ def decode_audio(path: Path, config: AudioConfig) -> np.ndarray:
 
     Raises:
         ValueError: The recording is corrupt, truncated, empty, contains NaN or infinite
-            samples, or is not accepted by `config`; the message says which.
+            samples, or is not accepted by `config`. The message names the reason.
     """
     samples, header = wav.read_samples(path)
     problems = wav.recording_problems(
