@@ -276,9 +276,9 @@ class LateFusion(FusionPlugin):
         z = sum_i a_i z_i,   a = softmax(w) restricted to present modalities
 
     with w a learned vector of M modality weights (fixed at 0, so equal weights, when
-    `learn_weights` is false). A row with no modality gets zeros. Because the weights sum
-    to 1 and the model's head is linear, head(z) = sum_i a_i head(z_i): the logits are the
-    weighted average of the logits that each modality alone would give, which is late
+    `learn_weights` is false). A row with no modality gets zeros. The weights sum to 1 and
+    the model's head is linear, so head(z) = sum_i a_i head(z_i). The logits are therefore
+    the weighted average of the logits that each modality alone would give. This is late
     fusion of per-modality classifiers (W_head W_i), as in the decision-level fusion of
     Snoek, Worring & Smeulders, "Early versus Late Fusion in Semantic Video Analysis"
     (ACM Multimedia 2005).
@@ -337,9 +337,9 @@ class GatedMultimodalUnit(FusionPlugin):
         z = sum_i g_i * h_i
 
     For two modalities this is the unit of Arevalo, Solorio, Montes-y-Gómez & González,
-    "Gated Multimodal Units for Information Fusion" (ICLR 2017 workshop):
-    z = s * h_1 + (1 - s) * h_2 with s = sigmoid(W_z x), because a softmax over two
-    logits is the sigmoid of their difference (W_z = V_1 - V_2). The softmax form extends
+    "Gated Multimodal Units for Information Fusion" (ICLR 2017 workshop). There,
+    z = s * h_1 + (1 - s) * h_2 with s = sigmoid(W_z x), and a softmax over two logits is
+    the sigmoid of their difference (W_z = V_1 - V_2). The softmax form extends
     it to any number of modalities and lets a missing modality get a gate of exactly 0.
     A row with no modality gets zeros.
 
@@ -429,11 +429,11 @@ class CrossModalTransformerFusion(FusionPlugin):
     representations, with zeros for the modalities a row lacks; its width is M * dim.
 
     Source: Tsai et al., "Multimodal Transformer for Unaligned Multimodal Language
-    Sequences" (ACL 2019). It departs from MulT in three ways: the inputs are pooled
-    embeddings, so each is expanded into T learned tokens instead of a time sequence;
-    the self pair (j = i) is included, so a row with one modality still has a
-    representation; and the pairs are averaged rather than concatenated and passed
-    through a further self-attention transformer.
+    Sequences" (ACL 2019). It departs from MulT in three ways. The inputs are pooled
+    embeddings, so each is expanded into T learned tokens instead of a time sequence. The
+    self pair (j = i) is included, so a row with one modality still has a representation.
+    The pairs are averaged, rather than concatenated and passed through a further
+    self-attention transformer.
 
     Config example:
 
