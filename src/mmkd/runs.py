@@ -6,6 +6,7 @@ so a killed run never leaves a half-written file that a later run would trust.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -59,3 +60,12 @@ def new_run_dir(out_dir: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a new run folder under {out_dir}")
+
+
+def sha256_of_file(path: Path, *, block_bytes: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file's bytes, read in blocks so memory stays flat."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(block_bytes):
+            digest.update(block)
+    return digest.hexdigest()

@@ -30,7 +30,7 @@ from PIL import Image
 from mmkd.config import ImageConfig
 from mmkd.data import wav
 from mmkd.manifest import Manifest, is_utf8
-from mmkd.runs import atomic_write
+from mmkd.runs import atomic_write, sha256_of_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ PROBE_COLUMNS: tuple[str, ...] = (
     *(f"text_{name}" for name in _TEXT_FIELDS),
 )
 
-_READ_BLOCK_BYTES = 1 << 20
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
@@ -253,7 +252,7 @@ def _check_file(value: str, root: Path, facts: dict[str, Any]) -> str | None:
         return "not a regular file"
     facts["bytes"] = status.st_size
     try:
-        facts["sha256"] = _sha256_of_file(path)
+        facts["sha256"] = sha256_of_file(path)
     except OSError as error:
         return f"cannot read the file: {error.strerror or error}"
     if status.st_size == 0:
@@ -280,14 +279,6 @@ def _decode_file(modality: str, path: Path, facts: dict[str, Any], max_image_pix
 
 def _prefixed(modality: str, facts: Mapping[str, Any]) -> dict[str, Any]:
     return {f"{modality}_{key}": value for key, value in facts.items()}
-
-
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(_READ_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _probe_image(path: Path, facts: dict[str, Any], max_pixels: int) -> None:
