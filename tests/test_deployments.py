@@ -28,3 +28,32 @@ def test_deployment_entrypoint_is_a_flow_taking_its_parameters(deployment):
 def test_watch_schedule_is_present_and_off():
     watch = next(d for d in DEPLOYMENTS if d["name"] == "watch")
     assert watch["schedules"] == [{"interval": 300, "active": False}]
+
+
+def test_every_flow_of_the_package_has_a_deployment():
+    import pkgutil
+
+    import mmkd.flows
+
+    flows = set()
+    for module_info in pkgutil.iter_modules(mmkd.flows.__path__):
+        module = importlib.import_module(f"mmkd.flows.{module_info.name}")
+        flows |= {f"{module.__name__}:{name}" for name, value in vars(module).items()
+                  if isinstance(value, Flow) and value.__module__ == module.__name__}
+    # promote runs inside retrain; it has no deployment of its own.
+    assert flows - {"mmkd.flows.promote:promote_flow"} == {d["entrypoint"] for d in DEPLOYMENTS}
+
+
+def test_pipeline_has_an_inactive_nightly_schedule():
+    pipeline = next(d for d in DEPLOYMENTS if d["name"] == "pipeline")
+    assert pipeline["schedules"] == [{"cron": "0 2 * * *", "active": False}]
+
+
+def test_retrain_trigger_passes_the_event_payload_to_parameters_the_flow_takes():
+    from mmkd.flows.retrain import retrain_flow
+
+    retrain = next(d for d in DEPLOYMENTS if d["name"] == "retrain")
+    trigger = retrain["triggers"][0]
+    assert trigger["expect"] == ["mmkd.dataset.updated"] and trigger["for_each"] == ["prefect.resource.id"]
+    assert set(trigger["parameters"]) <= set(inspect.signature(retrain_flow.fn).parameters)
+    assert retrain["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}

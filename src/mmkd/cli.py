@@ -55,6 +55,28 @@ def _build_parser() -> argparse.ArgumentParser:
     avdigits.add_argument("--per-digit", type=int, default=None, help="Keep N recordings per digit.")
     avdigits.add_argument("--download", action="store_true", help="Download FSDD when --fsdd-dir is not given.")
 
+    server = commands.add_parser("server", help="Run a local Prefect server (UI and API) with its SQLite database.")
+    server.add_argument("--host", default="127.0.0.1", help="Address to listen on; other machines reach it only if you change this.")
+    server.add_argument("--port", type=int, default=4200, help="Port of the UI and API.")
+
+    deploy = commands.add_parser(
+        "deploy", help="Create the process work pool and register deployments/prefect.yaml with the server.",
+        description="Run it from the folder that holds the config and data the deployments name; "
+                    "the worker runs flows there. Needs PREFECT_API_URL.",
+    )
+    deploy.add_argument("--file", type=Path, default=Path("deployments/prefect.yaml"), help="The prefect.yaml to deploy.")
+    deploy.add_argument("--pool", default="mmkd-process", help="Work pool to create if missing and to deploy to.")
+    deploy.add_argument("--name", action="append", dest="names", metavar="DEPLOYMENT",
+                        help="Deploy only this one (repeatable); by default all.")
+
+    worker = commands.add_parser("worker", help="Run a process worker that executes the work pool's flow runs.")
+    worker.add_argument("--pool", default="mmkd-process", help="Work pool to take runs from.")
+    worker.add_argument("--name", default=None, help="Worker name, e.g. one per GPU.")
+    worker.add_argument("--limit", type=int, default=None, help="Most flow runs at a time.")
+
+    serve = commands.add_parser("serve", help="Serve every deployment of prefect.yaml from this process (no worker needed).")
+    serve.add_argument("--file", type=Path, default=Path("deployments/prefect.yaml"), help="The prefect.yaml to serve.")
+
     plugins = commands.add_parser("plugins", help="List the fusion, alignment and loss plugins, or show one.")
     plugins.add_argument("action", nargs="?", choices=["list", "show"], default="list", help="What to do (default: list).")
     plugins.add_argument("name", nargs="?", help="With show: the plugin's name.")
@@ -116,7 +138,22 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "plugins":
         return _plugins(args)
+    if args.command in ("server", "deploy", "worker", "serve"):
+        return _orchestrate(args)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _orchestrate(args: argparse.Namespace) -> int:
+    from mmkd import orchestration
+
+    if args.command == "server":
+        return orchestration.server(args.host, args.port)
+    if args.command == "deploy":
+        return orchestration.deploy(args.file, pool=args.pool, names=args.names)
+    if args.command == "worker":
+        return orchestration.worker(args.pool, name=args.name, limit=args.limit)
+    orchestration.serve(args.file)
+    return 0
 
 
 def _plugins(args: argparse.Namespace) -> int:
