@@ -226,6 +226,18 @@ class ExportConfig(_Strict):
     )
 
 
+class PromotionConfig(_Strict):
+    """When a retrained student replaces the one in the model registry."""
+
+    registry: Path | None = Field(
+        None, description="Folder of the promoted model and its history; by default registry/ beside the runs."
+    )
+    min_improvement: float = Field(
+        0.0, ge=0, le=1,
+        description="Test accuracy the new student must gain over the current one, both scored on the new test split.",
+    )
+
+
 class LabelRule(_Strict):
     """A label implied by another column of the manifest, which must equal the row's label.
 
@@ -332,6 +344,7 @@ class RunConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export settings.")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation rules and policy.")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Latency measurement settings.")
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="The gate before a retrained student is promoted.")
     feature_store: Path | None = Field(
         None, description="Folder of cached teacher outputs; by default feature-store/ beside the runs."
     )
@@ -442,6 +455,8 @@ def config_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str = "conf
         config.teacher.checkpoint = (base_dir / config.teacher.checkpoint).resolve()
     if config.feature_store is not None:
         config.feature_store = (base_dir / config.feature_store).resolve()
+    if config.promotion.registry is not None:
+        config.promotion.registry = (base_dir / config.promotion.registry).resolve()
     return config
 
 

@@ -1,0 +1,40 @@
+"""Retrain flow: the pipeline on updated data, then the promotion decision."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from mmkd.flows._common import flow_logger
+from mmkd.flows.pipeline import pipeline_flow
+from mmkd.flows.promote import promote_flow
+
+
+@flow(name="retrain", description="Run the pipeline on the updated dataset and promote the student if it is not worse.")
+def retrain_flow(
+    config_path: str,
+    out_dir: str,
+    manifest: str | None = None,
+    dataset: str | None = None,
+    fingerprint: str | None = None,
+    new_rows: int | None = None,
+) -> dict:
+    """Retrain for a `mmkd.dataset.updated` event, whose payload fills the last four parameters.
+
+    Args:
+        config_path: The YAML run config.
+        out_dir: Folder of the run folders, the caches and the model registry.
+        manifest: Replaces the config's manifest (the event names the one that changed).
+        dataset: Name of the dataset that changed, for the logs.
+        fingerprint: The dataset fingerprint the watcher saw, recorded with the run.
+        new_rows: How many rows the watcher found new.
+
+    Returns:
+        The run folder, the student's test accuracy and the promotion decision.
+    """
+    logger = flow_logger()
+    logger.info("Retraining for dataset %s: %s new rows, fingerprint %s", dataset or "(config)",
+                "?" if new_rows is None else new_rows, (fingerprint or "?")[:12])
+    result = pipeline_flow(config_path, out_dir, manifest=manifest)
+    decision = promote_flow(result["run_dir"])
+    return {"run_dir": result["run_dir"], "student_accuracy": result["student"]["test"]["accuracy"],
+            "dataset_fingerprint": fingerprint, "promotion": decision}
