@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 
 from mmkd.config import RunConfig, load_config
@@ -65,7 +66,7 @@ class RunPaths:
         return config.feature_store or self.run_dir.parent / "feature-store"
 
 
-@task(name="load-run-inputs", cache_policy=NO_CACHE)
+@task(name="load-run-inputs", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, tags=["io"])
 def load_run_inputs(run_dir: str) -> tuple[RunPaths, RunConfig, TensorDataset]:
     """Read the run's resolved config and decode (or reuse) its dataset."""
     paths = RunPaths(Path(run_dir))
@@ -85,3 +86,36 @@ def flow_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("mmkd.flows")
+
+
+class EpochProgress:
+    """A Prefect progress artifact that advances with one training stage's epochs.
+
+    Outside a flow or task run (for example when a flow is called through `.fn()`), it
+    does nothing.
+    """
+
+    def __init__(self, stage: str, epochs: int):
+        self.stage, self.epochs, self.artifact_id = stage, epochs, None
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        from prefect.artifacts import create_progress_artifact
+
+        self.artifact_id = create_progress_artifact(0.0, description=f"{stage}: 0 of {epochs} epochs")
+
+    def __call__(self, record: dict) -> None:
+        """Move the bar to the epoch in `record`, the value `fit` passes to `on_epoch`."""
+        self._update(100.0 * record["epoch"] / self.epochs,
+                     f"{self.stage}: {record['epoch']} of {self.epochs} epochs, val accuracy {record['val_accuracy']:.4f}")
+
+    def finish(self, epochs_run: int) -> None:
+        """Fill the bar; early stopping ends a stage before its last epoch."""
+        stopped = f", stopped early after {epochs_run}" if epochs_run < self.epochs else ""
+        self._update(100.0, f"{self.stage}: done{stopped} ({self.epochs} epochs planned)")
+
+    def _update(self, progress: float, description: str) -> None:
+        if self.artifact_id is None:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(self.artifact_id, progress, description=description)

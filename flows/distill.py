@@ -10,7 +10,7 @@ from mmkd.config import RunConfig
 from mmkd.data.loading import TensorDataset
 from mmkd.distillation import DistillationObjective
 from mmkd.features import FeatureStore
-from mmkd.flows._common import RunPaths, flow_logger, load_run_inputs, seed_everything
+from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_inputs, seed_everything
 from mmkd.training import fit, resolve_device
 
 STUDENT_SEED_OFFSET = 1000  # the student and the baseline start from the same weights
@@ -33,10 +33,12 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
         alignment=config.distill.alignment,
         student=student,
     ).to(device)
+    progress = EpochProgress("distill", config.distill.train.epochs)
     result = fit(
         student, train, val, config.distill.train, objective,
-        stage="distill", seed=config.seed + 1, device=device, extra_modules=[objective],
+        stage="distill", on_epoch=progress, seed=config.seed + 1, device=device, extra_modules=[objective],
     )
+    progress.finish(result.epochs_run)
     training = {**result.summary(), "loss_terms": objective.names}
     return save_checkpoint(paths.distilled, student.cpu(), config, "student", dataset.classes, training=training)
 

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from mmkd.checkpoints import build_model, load_checkpoint, save_checkpoint
 from mmkd.config import RunConfig, TrainConfig
 from mmkd.data.loading import TensorDataset
-from mmkd.flows._common import RunPaths, flow_logger, load_run_inputs, seed_everything
+from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_inputs, seed_everything
 from mmkd.flows.distill import STUDENT_SEED_OFFSET
 from mmkd.training import classification_metrics, cross_entropy_loss, fit, predict, resolve_device
 
@@ -26,10 +26,12 @@ def train_baseline(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -
     seed_everything(config.seed + STUDENT_SEED_OFFSET)
     device = resolve_device(config.device)
     baseline = build_model(config, "baseline", dataset.classes).to(device)
+    progress = EpochProgress("baseline", baseline_budget(config).epochs)
     result = fit(
         baseline, dataset.subset("train"), dataset.subset("val"), baseline_budget(config), cross_entropy_loss,
-        stage="baseline", seed=config.seed + 1, device=device,
+        stage="baseline", on_epoch=progress, seed=config.seed + 1, device=device,
     )
+    progress.finish(result.epochs_run)
     return save_checkpoint(paths.baseline, baseline.cpu(), config, "baseline", dataset.classes, training=result.summary())
 
 

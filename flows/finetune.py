@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from mmkd.checkpoints import load_checkpoint, save_checkpoint
-from mmkd.flows._common import flow_logger, load_run_inputs
+from mmkd.flows._common import EpochProgress, flow_logger, load_run_inputs
 from mmkd.training import cross_entropy_loss, fit, predict, resolve_device
 
 
@@ -22,10 +22,12 @@ def finetune_flow(run_dir: str) -> dict:
     initial_state = {k: v.clone() for k, v in student.state_dict().items()}
 
     device = resolve_device(config.device)
+    progress = EpochProgress("finetune", config.finetune.train.epochs)
     result = fit(
         student.to(device), train, val, config.finetune.train, cross_entropy_loss,
-        stage="finetune", seed=config.seed + 2, device=device,
+        stage="finetune", on_epoch=progress, seed=config.seed + 2, device=device,
     )
+    progress.finish(result.epochs_run)
     kept = result.best_val_accuracy > before
     if not kept:
         student.load_state_dict(initial_state)

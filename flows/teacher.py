@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from mmkd.checkpoints import build_model, load_checkpoint, save_checkpoint
 from mmkd.config import RunConfig
 from mmkd.data.loading import TensorDataset
-from mmkd.flows._common import RunPaths, flow_logger, load_run_inputs, seed_everything
+from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_inputs, seed_everything
 from mmkd.training import classification_metrics, cross_entropy_loss, fit, predict, resolve_device
 
 
@@ -20,10 +20,12 @@ def train_teacher(config: RunConfig, dataset: TensorDataset, paths: RunPaths) ->
     seed_everything(config.seed)
     device = resolve_device(config.device)
     model = build_model(config, "teacher", dataset.classes).to(device)
+    progress = EpochProgress("teacher", config.teacher.train.epochs)
     result = fit(
         model, dataset.subset("train"), dataset.subset("val"), config.teacher.train, cross_entropy_loss,
-        stage="teacher", seed=config.seed, device=device,
+        stage="teacher", on_epoch=progress, seed=config.seed, device=device,
     )
+    progress.finish(result.epochs_run)
     return save_checkpoint(paths.teacher, model.cpu(), config, "teacher", dataset.classes, training=result.summary())
 
 

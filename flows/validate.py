@@ -56,7 +56,6 @@ def validate_flow(run_dir: str) -> dict:
     Raises:
         DataError: validation failed; the message names the report with every problem.
     """
-    logger = flow_logger()
     paths = RunPaths(Path(run_dir))
     config = load_config(paths.config)
     result = validate_manifest(config, paths.run_dir / "validation")
@@ -67,11 +66,20 @@ def validate_flow(run_dir: str) -> dict:
         raise DataError(f"Validation failed: {result.message}.{_problem_list(report['problems'])} "
                         f"Every problem is in {result.report}.")
 
-    # Later stages read only the rows validation kept.
-    if result.rows_quarantined:
-        data = config.data.model_copy(update={"manifest": result.clean_manifest, "root": Path(report["data_root"])})
-        save_config(config.model_copy(update={"data": data}), paths.config)
-        logger.info("Later stages read %s (%d rows set aside)", result.clean_manifest, result.rows_quarantined)
-    return {"passed": result.passed, "rows_in": result.rows_in, "rows_kept": result.rows_kept,
-            "rows_quarantined": result.rows_quarantined, "critical_failures": result.critical_failures,
-            "report": str(result.report)}
+    summary = {"passed": result.passed, "rows_in": result.rows_in, "rows_kept": result.rows_kept,
+               "rows_quarantined": result.rows_quarantined, "critical_failures": result.critical_failures,
+               "report": str(result.report), "clean_manifest": str(result.clean_manifest),
+               "data_root": report["data_root"]}
+    use_kept_rows(run_dir, summary)
+    return summary
+
+
+def use_kept_rows(run_dir: str, summary: dict) -> None:
+    """Point the run's config at the clean manifest when validation set rows aside."""
+    if not summary["rows_quarantined"]:
+        return
+    paths = RunPaths(Path(run_dir))
+    config = load_config(paths.config)
+    data = config.data.model_copy(update={"manifest": Path(summary["clean_manifest"]), "root": Path(summary["data_root"])})
+    save_config(config.model_copy(update={"data": data}), paths.config)
+    flow_logger().info("Later stages read %s (%d rows set aside)", summary["clean_manifest"], summary["rows_quarantined"])

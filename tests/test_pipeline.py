@@ -102,3 +102,59 @@ def test_pipeline_with_quarantine_trains_on_the_rows_kept(tmp_path, small_avdigi
     quarantine = (tmp_path / "runs" / result["run_dir"].split("/")[-1] / "validation" / "quarantine.csv").read_text()
     for row_id in broken_ids:
         assert row_id in quarantine
+
+    # A rerun reuses the validation and still trains on the rows kept, read from its own folder.
+    again = pipeline_flow(str(config), str(tmp_path / "runs"))
+    assert "validate" in again["reused"]
+    assert again["features"]["rows"] == 118
+    again_config = (tmp_path / "runs" / again["run_dir"].split("/")[-1] / "config.yaml").read_text()
+    assert f"{again['run_dir']}/validation/manifest.clean.csv" in again_config
+
+
+def artifacts_of_runs(client, flow_run_ids) -> list:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=list(flow_run_ids))))
+
+
+def test_rerun_on_unchanged_data_reuses_every_stage_and_publishes_artifacts(tmp_path, small_avdigits, prefect_server):
+    out = tmp_path / "runs"
+    config = write_config(tmp_path / "configs", small_avdigits)
+    first = pipeline_flow(str(config), str(out))
+    assert first["reused"] == {}
+
+    second = pipeline_flow(str(config), str(out))
+    cached = {"validate", "teacher", "distill", "finetune", "evaluate", "export", "benchmark"}
+    assert second["reused"] == {stage: first["run_dir"] for stage in cached}
+    assert (out / "latest").resolve() == (out / second["run_dir"].split("/")[-1]).resolve()
+    for role in ("teacher", "student", "baseline", "onnx"):
+        assert second[role]["test"] == first[role]["test"]
+    second_dir = out / second["run_dir"].split("/")[-1]
+    for name in ("teacher.pt", "student.pt", "student.onnx", "benchmark.md", "validation/validation.json"):
+        assert (second_dir / name).read_bytes() == (out / first["run_dir"].split("/")[-1] / name).read_bytes()
+    assert second["validation"]["report"] == str(second_dir / "validation" / "validation.json")
+
+    # A changed benchmark section runs the benchmark again and reuses everything before it.
+    timing = write_config(tmp_path / "timing", small_avdigits, benchmark={"iterations": 6})
+    third = pipeline_flow(str(timing), str(out))
+    assert set(third["reused"]) == cached - {"benchmark"}
+
+    with get_client(sync_client=True) as client:
+        pipeline_runs = [run for run in client.read_flow_runs() if run.parameters.get("out_dir") == str(out)]
+        first_run = min(pipeline_runs, key=lambda run: run.start_time)
+        stage_runs = [run.id for run in client.read_flow_runs() if run.parameters.get("run_dir") == first["run_dir"]]
+        published = artifacts_of_runs(client, [first_run.id])
+        progress = artifacts_of_runs(client, stage_runs)
+
+    # The metrics table holds the same figures as metrics.json.
+    table = json.loads(next(a for a in published if a.key == "metrics").data)
+    rows = {(row["model"], row["engine"]): row for row in table}
+    assert rows[("teacher", "PyTorch eager")]["test_accuracy"] == round(first["teacher"]["test"]["accuracy"], 4)
+    assert rows[("student", "ONNX Runtime")]["test_accuracy"] == round(first["onnx"]["test"]["accuracy"], 4)
+    assert rows[("student", "PyTorch eager")]["parameters"] == first["student"]["params"]
+    summary = next(a for a in published if a.key == "run-summary").data
+    assert first["run_dir"] in summary and "Data Docs" in summary
+
+    # One progress bar per training stage, full at the end.
+    bars = {a.description.split(":")[0]: a.data for a in progress if a.type == "progress"}
+    assert bars == {"teacher": 100.0, "distill": 100.0, "finetune": 100.0, "baseline": 100.0}
