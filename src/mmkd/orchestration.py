@@ -48,14 +48,14 @@ def _run_prefect(arguments: list[str], *, cwd: Path | None = None, env: dict[str
 def server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
     """Run a Prefect server with its SQLite database under PREFECT_HOME until interrupted.
 
-    It listens on loopback unless `host` says otherwise. Usage statistics stay off, as
+    It listens on loopback unless `host` names another address. Usage statistics stay off, as
     everywhere in mmkd (see mmkd.offline).
     """
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"mmkd: the server will accept connections from other machines on {host}:{port}", file=sys.stderr)
     url = f"http://{host}:{port}"
     print(f"Prefect UI and API on {url} (set PREFECT_API_URL={url}/api)")
-    # The UI asks the API at PREFECT_UI_API_URL, which otherwise stays on port 4200.
+    # The UI sends its requests to PREFECT_UI_API_URL, which otherwise stays on port 4200.
     env = {**os.environ, "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", f"{url}/api")}
     return _run_prefect(["server", "start", "--host", host, "--port", str(port)], env=env)
 
@@ -78,7 +78,7 @@ def load_deployment_specs(path: Path) -> list[dict[str, Any]]:
     for number, spec in enumerate(deployments, start=1):
         missing = [key for key in ("name", "entrypoint") if key not in spec]
         if missing:
-            raise ConfigError(f"Deployment {number} in {path} lacks {', '.join(missing)}.")
+            raise ConfigError(f"Deployment {number} in {path} is missing {', '.join(missing)}.")
     return deployments
 
 

@@ -39,7 +39,7 @@ def read_history(registry: Path) -> list[dict[str, Any]]:
 
 
 def onnx_accuracy(onnx_path: Path, data: TensorDataset) -> float:
-    """Accuracy of an exported student on `data`, run by ONNX Runtime on the CPU.
+    """Return the accuracy of an exported student on `data`, run by ONNX Runtime on the CPU.
 
     Raises:
         ValueError: the model predicts other labels than the data has.

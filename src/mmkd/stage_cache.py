@@ -74,7 +74,7 @@ def stage_keys(config: RunConfig, data_fingerprint: str) -> dict[str, str]:
 
 
 def _output_files(run_dir: Path, outputs: tuple[str, ...]) -> list[Path]:
-    """The files a stage wrote, with folders expanded, relative to the run folder."""
+    """List the files a stage wrote, with folders expanded, relative to the run folder."""
     found = []
     for name in outputs:
         path = run_dir / name
