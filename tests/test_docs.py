@@ -65,3 +65,26 @@ def test_plugin_howto_shows_the_fixture_word_for_word():
     page = (DOCS / "plugins.md").read_text(encoding="utf-8")
     for name in ("src/mmkd_example_plugin/__init__.py", "pyproject.toml"):
         assert (fixture / name).read_text(encoding="utf-8") in page, name
+
+
+def test_deploy_howto_lists_each_stage_input_as_the_code_does():
+    from mmkd.stage_cache import STAGE_INPUTS
+
+    text = (DOCS / "howto-deploy.md").read_text(encoding="utf-8")
+    documented = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in STAGE_INPUTS:
+            sections = tuple(part.strip("` ") for part in cells[1].split(","))
+            after = () if cells[2].startswith("(") else tuple(part.strip() for part in cells[2].split(","))
+            documented[cells[0]] = (sections, after)
+    assert documented == STAGE_INPUTS
+
+
+def test_deploy_howto_names_every_deployment():
+    import yaml
+
+    deployments = yaml.safe_load((DOCS.parent / "deployments" / "prefect.yaml").read_text(encoding="utf-8"))["deployments"]
+    text = (DOCS / "howto-deploy.md").read_text(encoding="utf-8")
+    for deployment in deployments:
+        assert f"`{deployment['name']}`" in text
