@@ -13,7 +13,12 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 
 from mmkd.config import RunConfig, load_config
-from mmkd.data.loading import TensorDataset, load_dataset
+from mmkd.data.loading import TensorDataset, decode_to_cache, load_decoded
+
+# A worker's flow run process sets up logging before it imports mmkd, leaving mmkd's logger
+# at the root's WARNING level. INFO keeps the per-epoch lines in the run's logs.
+if logging.getLogger("mmkd").level == logging.NOTSET:
+    logging.getLogger("mmkd").setLevel(logging.INFO)
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,18 @@ class RunPaths:
         return config.feature_store or self.run_dir.parent / "feature-store"
 
 
-@task(name="load-run-inputs", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, tags=["io"])
+@task(name="decode-dataset", description="Decode the run's manifest into the tensor cache, or find it there.",
+      cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, tags=["io"])
+def decode_dataset(config_path: str, cache_dir: str) -> str:
+    """Return the path of the decoded tensors of the config's data; a task returns no tensors."""
+    return str(decode_to_cache(load_config(config_path).data, Path(cache_dir)))
+
+
 def load_run_inputs(run_dir: str) -> tuple[RunPaths, RunConfig, TensorDataset]:
-    """Read the run's resolved config and decode (or reuse) its dataset."""
+    """Read the run's resolved config and its decoded dataset."""
     paths = RunPaths(Path(run_dir))
     config = load_config(paths.config)
-    dataset = load_dataset(config.data, cache_dir=paths.tensor_cache)
+    dataset = load_decoded(Path(decode_dataset(str(paths.config), str(paths.tensor_cache))))
     return paths, config, dataset
 
 

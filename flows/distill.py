@@ -16,7 +16,8 @@ from mmkd.training import fit, resolve_device
 STUDENT_SEED_OFFSET = 1000  # the student and the baseline start from the same weights
 
 
-@task(name="distill-student", cache_policy=NO_CACHE)
+@task(name="distill-student", description="Train the student on the distillation objective; never retried.",
+      cache_policy=NO_CACHE, tags=["training"])
 def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureStore, paths: RunPaths) -> dict:
     """Train the student on the weighted sum of the configured loss terms."""
     train, val = dataset.subset("train"), dataset.subset("val")

@@ -20,7 +20,8 @@ def baseline_budget(config: RunConfig) -> TrainConfig:
     )
 
 
-@task(name="train-baseline", cache_policy=NO_CACHE)
+@task(name="train-baseline", description="Train the label-only baseline; never retried.",
+      cache_policy=NO_CACHE, tags=["training"])
 def train_baseline(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -> dict:
     """Train the student architecture on labels only, from the student's initial weights."""
     seed_everything(config.seed + STUDENT_SEED_OFFSET)

@@ -12,7 +12,8 @@ from mmkd.flows._common import flow_logger, load_run_inputs
 from mmkd.training import predict, resolve_device
 
 
-@task(name="extract-teacher-outputs", cache_policy=NO_CACHE)
+@task(name="extract-teacher-outputs", description="Run the frozen teacher on rows the feature store lacks.",
+      cache_policy=NO_CACHE, tags=["teacher"])
 def extract_missing(store: FeatureStore, teacher, dataset: TensorDataset, device_choice: str) -> int:
     """Compute teacher logits and embeddings for rows the store lacks; return how many."""
     missing = store.missing(dataset.keys)

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.context import FlowRunContext
 
 from mmkd import __version__
@@ -116,21 +116,23 @@ def pipeline_flow(
         cache.store(name, keys[name], run_dir, result)
         return result
 
-    # Validation first: it stops the run or sets bad rows aside before anything trains.
-    validation = stage("validate", validate_flow)
-    if "validate" in reused:
-        use_kept_rows(str(run_dir), validation)
+    # Every stage's flow and task runs carry the mmkd tag, as the deployments do.
+    with tags("mmkd"):
+        # Validation first: it stops the run or sets bad rows aside before anything trains.
+        validation = stage("validate", validate_flow)
+        if "validate" in reused:
+            use_kept_rows(str(run_dir), validation)
 
-    # Teacher, its cached outputs, then the student trained against them.
-    teacher = stage("teacher", teacher_flow)
-    features = extract_flow(str(run_dir))
-    stage("distill", distill_flow)
-    stage("finetune", finetune_flow)
+        # Teacher, its cached outputs, then the student trained against them.
+        teacher = stage("teacher", teacher_flow)
+        features = extract_flow(str(run_dir))
+        stage("distill", distill_flow)
+        stage("finetune", finetune_flow)
 
-    # Score, ship and time the models.
-    evaluation = stage("evaluate", evaluate_flow)
-    parity = stage("export", export_flow)
-    benchmark = stage("benchmark", benchmark_flow)
+        # Score, ship and time the models.
+        evaluation = stage("evaluate", evaluate_flow)
+        parity = stage("export", export_flow)
+        benchmark = stage("benchmark", benchmark_flow)
 
     metrics = {
         "run": {"name": config.name, "seed": config.seed, "config_fingerprint": config.fingerprint(),

@@ -14,7 +14,8 @@ from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_in
 from mmkd.training import classification_metrics, cross_entropy_loss, fit, predict, resolve_device
 
 
-@task(name="train-teacher", cache_policy=NO_CACHE)
+@task(name="train-teacher", description="Train the teacher; a failed epoch fails the run, never retried.",
+      cache_policy=NO_CACHE, tags=["training"])
 def train_teacher(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -> dict:
     """Train the teacher on the train split, early-stopped on validation accuracy."""
     seed_everything(config.seed)

@@ -57,3 +57,17 @@ def test_retrain_trigger_passes_the_event_payload_to_parameters_the_flow_takes()
     assert trigger["expect"] == ["mmkd.dataset.updated"] and trigger["for_each"] == ["prefect.resource.id"]
     assert set(trigger["parameters"]) <= set(inspect.signature(retrain_flow.fn).parameters)
     assert retrain["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+
+
+def test_io_tasks_retry_and_training_tasks_never():
+    from mmkd.flows._common import decode_dataset
+    from mmkd.flows.distill import distill_student
+    from mmkd.flows.evaluate import train_baseline
+    from mmkd.flows.teacher import train_teacher
+
+    assert decode_dataset.retries == 2
+    assert "io" in decode_dataset.tags
+    for training in (train_teacher, distill_student, train_baseline):
+        assert training.retries == 0
+        assert "training" in training.tags
+        assert training.description

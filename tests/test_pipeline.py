@@ -46,6 +46,7 @@ def test_pipeline_runs_every_stage_as_a_subflow_and_writes_the_run_folder(tmp_pa
     assert set(names) == STAGES
     for stage in STAGES:
         assert names[stage].state.is_completed()
+        assert "mmkd" in names[stage].tags
     assert parents == {"pipeline"}
 
 

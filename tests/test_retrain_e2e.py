@@ -148,10 +148,19 @@ def test_new_rows_start_one_retrain(live, project, worker):
     while not (runs := flow_runs_of(live, "retrain")) and time.monotonic() < deadline:
         time.sleep(2)
     assert len(runs) == 1, f"expected one retrain run, found {len(runs)}"
+
+    # A retrain started by hand while that one runs is cancelled, not queued.
+    deadline = time.monotonic() + 120
+    while api(live, lambda client: client.read_flow_run(runs[0].id)).state.type.value in ("SCHEDULED", "PENDING"):
+        assert time.monotonic() < deadline, "the retrain run did not start"
+        time.sleep(1)
+    extra = api(live, lambda client: client.create_flow_run_from_deployment(runs[0].deployment_id))
+
     retrain = wait_for_final(live, runs[0].id, timeout=420)
     assert retrain.state.type.value == "COMPLETED", worker.read_text()[-5000:]
-    time.sleep(15)  # a second run would have been created by now
-    assert len(flow_runs_of(live, "retrain")) == 1
+    assert wait_for_final(live, extra.id, timeout=120).state.type.value == "CANCELLED"
+    time.sleep(15)  # a second triggered run would have been created by now
+    assert [run.id for run in flow_runs_of(live, "retrain") if run.id != extra.id] == [retrain.id]
 
     # The first event's payload reached the flow's parameters.
     assert Path(retrain.parameters["manifest"]) == manifest.resolve()
@@ -180,6 +189,18 @@ def test_new_rows_start_one_retrain(live, project, worker):
         flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"]))))
     assert len(pipeline_runs) == 1
     check_metrics_table_in_ui(live, pipeline_runs[0].id, metrics)
+
+    # mmkd's own log lines reach the server from the worker's flow run.
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = api(live, lambda client: client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[pipeline_runs[0].id]))))
+    assert any(log.message.startswith("Test accuracy: teacher") for log in logs)
+    teacher_runs = api(live, lambda client: client.read_flow_runs(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=["teacher"]))))
+    teacher_logs = api(live, lambda client: client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[teacher_runs[0].id]))))
+    assert any(log.name == "mmkd.training" and log.message.startswith("teacher epoch 1/2") for log in teacher_logs), [(log.name, log.message[:60]) for log in teacher_logs]
 
 
 def check_metrics_table_in_ui(live, flow_run_id, metrics: dict) -> None:

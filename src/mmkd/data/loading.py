@@ -174,6 +174,43 @@ def _source_key(manifest: Manifest, data: DataConfig) -> str:
     return digest.hexdigest()[:24]
 
 
+def _read(data: DataConfig) -> Manifest:
+    """Read the config's manifest, cut to `data.max_rows` when set."""
+    manifest = read_manifest(
+        data.manifest, modalities=data.modalities, split_fractions=data.split_fractions, root=data.root
+    )
+    if data.max_rows is None:
+        return manifest
+    return Manifest(
+        path=manifest.path,
+        root=manifest.root,
+        frame=manifest.frame.iloc[: data.max_rows].reset_index(drop=True),
+        modalities=manifest.modalities,
+        split_assigned=manifest.split_assigned,
+    )
+
+
+def decode_to_cache(data: DataConfig, cache_dir: Path) -> Path:
+    """Decode every row into a tensor file under `cache_dir`, unless an up-to-date one exists; return its path.
+
+    Raises:
+        DataError: a file is missing or does not decode; the message names the row id,
+            the manifest, the path and the reason.
+    """
+    manifest = _read(data)
+    cache_path = Path(cache_dir) / f"tensors-{_source_key(manifest, data)}.pt"
+    if cache_path.exists():
+        logger.info("Reusing decoded tensors from %s", cache_path)
+        return cache_path
+    atomic_torch_save(cache_path, _decode(manifest, data).__dict__)
+    return cache_path
+
+
+def load_decoded(path: Path) -> TensorDataset:
+    """Load a tensor file that `decode_to_cache` wrote."""
+    return TensorDataset(**torch.load(path, weights_only=False))
+
+
 def load_dataset(data: DataConfig, *, cache_dir: Path | None = None) -> TensorDataset:
     """Read the manifest and decode every row, or reuse the cached tensors.
 
@@ -181,27 +218,9 @@ def load_dataset(data: DataConfig, *, cache_dir: Path | None = None) -> TensorDa
         DataError: a file is missing or does not decode; the message names the row id,
             the manifest, the path and the reason.
     """
-    manifest = read_manifest(
-        data.manifest, modalities=data.modalities, split_fractions=data.split_fractions, root=data.root
-    )
-    if data.max_rows is not None:
-        manifest = Manifest(
-            path=manifest.path,
-            root=manifest.root,
-            frame=manifest.frame.iloc[: data.max_rows].reset_index(drop=True),
-            modalities=manifest.modalities,
-            split_assigned=manifest.split_assigned,
-        )
-    key = _source_key(manifest, data)
-    cache_path = cache_dir / f"tensors-{key}.pt" if cache_dir is not None else None
-    if cache_path is not None and cache_path.exists():
-        logger.info("Reusing decoded tensors from %s", cache_path)
-        return TensorDataset(**torch.load(cache_path, weights_only=False))
-
-    dataset = _decode(manifest, data)
-    if cache_path is not None:
-        atomic_torch_save(cache_path, dataset.__dict__)
-    return dataset
+    if cache_dir is None:
+        return _decode(_read(data), data)
+    return load_decoded(decode_to_cache(data, cache_dir))
 
 
 def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
