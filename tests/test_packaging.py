@@ -19,7 +19,8 @@ def test_wheel_maps_flows_and_plugins_into_the_mmkd_package(tmp_path):
     assert top_level == {"mmkd", next(n for n in top_level if n.endswith(".dist-info"))}
     for module in ("mmkd/flows/pipeline.py", "mmkd/flows/teacher.py", "mmkd/plugins/fusion.py",
                    "mmkd/plugins/losses.py", "mmkd/plugins/relation_losses.py", "mmkd/plugins/alignment.py",
-                   "mmkd/configs/avdigits.yaml", "mmkd/validation/probes.py"):
+                   "mmkd/configs/avdigits.yaml", "mmkd/validation/probes.py", "mmkd/deployments/prefect.yaml",
+                   "mmkd/flows/retrain.py", "mmkd/orchestration.py"):
         assert module in names
     for init in (ROOT / "src" / "mmkd").rglob("__init__.py"):
         assert f"mmkd/{init.parent.relative_to(ROOT / 'src' / 'mmkd').as_posix()}/__init__.py".replace("mmkd/./", "mmkd/") in names

@@ -84,7 +84,8 @@ def test_server_loopback_and_no_telemetry(live):
 
 @pytest.fixture(scope="module")
 def deployed(live, project):
-    result = subprocess.run([MMKD, "deploy", "--file", str(REPO / "deployments" / "prefect.yaml")],
+    # No --file: from a project folder, mmkd deploy takes the prefect.yaml installed with it.
+    result = subprocess.run([MMKD, "deploy"],
                             cwd=project, env=live.env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

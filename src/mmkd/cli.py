@@ -64,7 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run it from the folder that holds the config and data the deployments name; "
                     "the worker runs flows there. Needs PREFECT_API_URL.",
     )
-    deploy.add_argument("--file", type=Path, default=Path("deployments/prefect.yaml"), help="The prefect.yaml to deploy.")
+    deploy.add_argument("--file", type=Path, default=None,
+                        help="The prefect.yaml to deploy; by default ./deployments/prefect.yaml, else the one installed with mmkd.")
     deploy.add_argument("--pool", default="mmkd-process", help="Work pool to create if missing and to deploy to.")
     deploy.add_argument("--name", action="append", dest="names", metavar="DEPLOYMENT",
                         help="Deploy only this one (repeatable); by default all.")
@@ -75,7 +76,8 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--limit", type=int, default=None, help="Most flow runs at a time.")
 
     serve = commands.add_parser("serve", help="Serve every deployment of prefect.yaml from this process (no worker needed).")
-    serve.add_argument("--file", type=Path, default=Path("deployments/prefect.yaml"), help="The prefect.yaml to serve.")
+    serve.add_argument("--file", type=Path, default=None,
+                       help="The prefect.yaml to serve; by default ./deployments/prefect.yaml, else the one installed with mmkd.")
 
     plugins = commands.add_parser("plugins", help="List the fusion, alignment and loss plugins, or show one.")
     plugins.add_argument("action", nargs="?", choices=["list", "show"], default="list", help="What to do (default: list).")

@@ -25,6 +25,15 @@ DEFAULT_PORT = 4200
 DEPLOYMENTS_FILE = Path("deployments") / "prefect.yaml"
 
 
+def default_deployments_file() -> Path:
+    """Return ./deployments/prefect.yaml when the current folder has one, else the copy installed with mmkd."""
+    if DEPLOYMENTS_FILE.is_file():
+        return DEPLOYMENTS_FILE
+    from importlib import resources
+
+    return Path(str(resources.files("mmkd.deployments").joinpath("prefect.yaml")))
+
+
 def prefect_executable() -> str:
     """Return the `prefect` command installed beside this Python, or the one on PATH."""
     beside = Path(sys.executable).with_name("prefect")
@@ -97,13 +106,13 @@ def ensure_work_pool(name: str = DEFAULT_POOL) -> bool:
             return True
 
 
-def deploy(path: Path = DEPLOYMENTS_FILE, *, pool: str = DEFAULT_POOL, names: list[str] | None = None) -> int:
+def deploy(path: Path | None = None, *, pool: str = DEFAULT_POOL, names: list[str] | None = None) -> int:
     """Create the work pool and register the deployments of `path` with the Prefect server.
 
     The worker runs each flow in the folder this command is run from, so relative
     parameters such as `config_path: config.yaml` are read from there.
     """
-    path = Path(path).resolve()
+    path = Path(path or default_deployments_file()).resolve()
     specs = load_deployment_specs(path)
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError("PREFECT_API_URL is not set; start `mmkd server` and set it to http://127.0.0.1:4200/api.")
@@ -167,8 +176,8 @@ def build_served_deployments(specs: list[dict[str, Any]]) -> list:
     return deployments
 
 
-def serve(path: Path = DEPLOYMENTS_FILE) -> None:
+def serve(path: Path | None = None) -> None:
     """Serve every deployment of `path` from this process until interrupted; no worker needed."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(*build_served_deployments(load_deployment_specs(path)))
+    prefect_serve(*build_served_deployments(load_deployment_specs(path or default_deployments_file())))

@@ -1,0 +1,1 @@
+"""mmkd's Prefect deployments (prefect.yaml), installed with the package so that `mmkd deploy` finds them anywhere."""
