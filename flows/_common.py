@@ -71,8 +71,22 @@ class RunPaths:
         return config.feature_store or self.run_dir.parent / "feature-store"
 
 
+def _is_transient_io_error(task, task_run, state) -> bool:
+    """Return whether a failed state holds an OS error, which a retry may clear.
+
+    A DataError names a broken row, which stays broken however often it is read.
+    """
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:  # noqa: BLE001 - any other failure is final
+        return False
+    return False
+
+
 @task(name="decode-dataset", description="Decode the run's manifest into the tensor cache, or find it there.",
-      cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, tags=["io"])
+      cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_is_transient_io_error, tags=["io"])
 def decode_dataset(config_path: str, cache_dir: str) -> str:
     """Return the path of the decoded tensors of the config's data; a task returns no tensors."""
     return str(decode_to_cache(load_config(config_path).data, Path(cache_dir)))

@@ -71,3 +71,14 @@ def test_io_tasks_retry_and_training_tasks_never():
         assert training.retries == 0
         assert "training" in training.tags
         assert training.description
+
+
+def test_decode_retries_os_errors_but_not_broken_rows():
+    from prefect.states import Failed
+
+    from mmkd.errors import DataError
+    from mmkd.flows._common import _is_transient_io_error, decode_dataset
+
+    assert decode_dataset.retry_condition_fn is _is_transient_io_error
+    assert _is_transient_io_error(None, None, Failed(data=OSError("stale NFS handle"))) is True
+    assert _is_transient_io_error(None, None, Failed(data=DataError("row 'a-1': missing file"))) is False
