@@ -22,8 +22,11 @@ def test_bad_config_exits_2_with_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_run_missing_file_exits_1_naming_row(tmp_path, small_avdigits, prefect_server, capsys):
+def test_run_missing_file_exits_1_naming_row(tmp_path, small_avdigits, prefect_server):
+    import os
     import shutil
+
+    from prefect.settings import PREFECT_API_URL
 
     from conftest import write_config
 
@@ -32,8 +35,12 @@ def test_run_missing_file_exits_1_naming_row(tmp_path, small_avdigits, prefect_s
     frame = pd.read_csv(data / "manifest.csv", dtype=str)
     (data / frame.loc[4, "image"]).unlink()
     config = write_config(tmp_path, data / "manifest.csv")
-    status = main(["run", str(config), "--out", str(tmp_path / "runs")])
-    err = capsys.readouterr().err
+    # The command in its own process, as a user runs it, against the session's test server.
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("mmkd")), "run", str(config), "--out", str(tmp_path / "runs")],
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}, capture_output=True, text=True, timeout=300,
+    )
+    status, err = result.returncode, result.stderr
     assert status == 1
     assert f"row '{frame.loc[4, 'id']}': image '{frame.loc[4, 'image']}' cannot be used: file not found" in err
     assert "Traceback" not in err

@@ -87,12 +87,31 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoTracebackForExplainedErrors(logging.Filter):
+    """Drop the traceback from console lines about an MmkdError, whose message explains it.
+
+    Prefect logs a failed flow run's exception with its traceback. The run logs on the
+    server keep it, because their handlers run before the root logger's console handler.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], MmkdError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _configure_logging() -> None:
     """Show mmkd's INFO lines through Prefect's console handler, which also sends them to run logs."""
     from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
 
     setup_logging()
     logging.getLogger("mmkd").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(existing, _NoTracebackForExplainedErrors) for existing in handler.filters
+        ):
+            handler.addFilter(_NoTracebackForExplainedErrors())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -140,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "plugins":
         return _plugins(args)
+
     if args.command in ("server", "deploy", "worker", "serve"):
         return _orchestrate(args)
     raise AssertionError(f"unhandled command {args.command}")
