@@ -22,7 +22,8 @@ def promote_flow(run_dir: str) -> dict:
     paths, config, dataset = load_run_inputs(run_dir)
     registry = config.promotion.registry or paths.run_dir.parent / "registry"
     record = promote_if_better(
-        paths.run_dir, registry, dataset.subset("test"), min_improvement=config.promotion.min_improvement
+        paths.run_dir, registry, dataset.subset("test"),
+        min_improvement=config.promotion.min_improvement, max_p50_ms=config.promotion.max_p50_ms,
     )
     logger.info("Student %s: %s", "promoted" if record["promoted"] else "not promoted", record["reason"])
     if FlowRunContext.get() is not None:

@@ -95,3 +95,83 @@ def test_a_current_model_with_other_labels_is_kept_and_the_reason_recorded(stude
     renamed = dataclasses.replace(test, classes=[f"digit-{c}" for c in test.classes])
     with pytest.raises(ValueError, match="predicts labels"):
         promote_if_better(runs[2][0], tmp_path / "other-registry", renamed, min_improvement=0.0)
+
+
+def test_rollback_restores_the_model_before(students, tmp_path, capsys):
+    from mmkd.cli import main
+    from mmkd.promotion import make_current, rollback
+
+    runs, test = students
+    registry = tmp_path / "registry"
+    promote_if_better(runs[1][0], registry, test, min_improvement=0.0)
+    assert main(["rollback", str(registry)]) == 1  # the first model has nothing before it
+    assert "there is no earlier one to restore" in capsys.readouterr().err
+
+    # Whatever the scores, the second promotion below is forced through make_current.
+    second = json.loads((registry / "current.json").read_text())
+    second.update(model_id="run-2", onnx="models/run-1/student.onnx", previous="run-1")
+    make_current(registry, second)
+    assert rollback(registry)["model_id"] == "run-1"
+    assert read_current(registry)["model_id"] == "run-1"
+    last = read_history(registry)[-1]
+    assert last["action"] == "rollback"
+    assert last["from"] == "run-2"
+    assert last["to"] == "run-1"
+
+
+def test_over_the_latency_budget_is_not_promoted(students, tmp_path):
+    runs, test = students
+    run_dir = runs[1][0]
+    (run_dir / "benchmark.json").write_text(json.dumps([
+        {"model": "student", "engine": "onnxruntime", "batch_size": 1, "p50_ms": 0.8}]))
+    try:
+        kept = promote_if_better(run_dir, tmp_path / "registry", test, min_improvement=0.0, max_p50_ms=0.5)
+        assert kept["promoted"] is False
+        assert kept["reason"] == "over the latency budget: batch-1 p50 is 0.800 ms, budget 0.500 ms"
+        assert read_current(tmp_path / "registry") is None
+        within = promote_if_better(run_dir, tmp_path / "registry", test, min_improvement=0.0, max_p50_ms=1.0)
+        assert within["promoted"] is True
+    finally:
+        (run_dir / "benchmark.json").unlink()
+
+
+SWITCHER = """
+import json, sys
+from pathlib import Path
+from mmkd.promotion import make_current
+registry = Path(sys.argv[1])
+records = [json.loads((registry / "models" / name / "record.json").read_text()) for name in ("a", "b")]
+print("ready", flush=True)
+while True:
+    for record in records:
+        make_current(registry, record)
+"""
+
+
+def test_a_process_killed_while_switching_leaves_one_model_current(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    registry = tmp_path / "registry"
+    for name in ("a", "b"):
+        (registry / "models" / name).mkdir(parents=True)
+        (registry / "models" / name / "student.onnx").write_bytes(name.encode() * 1000)
+        (registry / "models" / name / "record.json").write_text(json.dumps(
+            {"model_id": name, "onnx": f"models/{name}/student.onnx", "padding": "x" * 100_000}))
+    generator = random.Random(7)
+    seen = set()
+    for _ in range(15):
+        switcher = subprocess.Popen([sys.executable, "-c", SWITCHER, str(registry)], stdout=subprocess.PIPE, text=True)
+        assert switcher.stdout.readline().strip() == "ready"
+        time.sleep(generator.uniform(0.01, 0.2))
+        switcher.send_signal(signal.SIGKILL)
+        switcher.wait()
+        # current.json parses, so it is never half written, and names a complete model.
+        current = read_current(registry)
+        assert current["model_id"] in ("a", "b")
+        assert (registry / current["onnx"]).read_bytes() == current["model_id"].encode() * 1000
+        seen.add(current["model_id"])
+    assert seen == {"a", "b"}

@@ -79,6 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--file", type=Path, default=None,
                        help="The prefect.yaml to serve; by default ./deployments/prefect.yaml, else the one installed with mmkd.")
 
+    rollback = commands.add_parser("rollback", help="Make the previously promoted student current again.")
+    rollback.add_argument("registry", type=Path, help="The model registry folder, e.g. runs/registry.")
+
     plugins = commands.add_parser("plugins", help="List the fusion, alignment and loss plugins, or show one.")
     plugins.add_argument("action", nargs="?", choices=["list", "show"], default="list", help="What to do (default: list).")
     plugins.add_argument("name", nargs="?", help="With show: the plugin's name.")
@@ -159,7 +162,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "plugins":
         return _plugins(args)
+    if args.command == "rollback":
+        from mmkd.promotion import rollback
 
+        restored = rollback(args.registry)
+        print(f"current model: {restored['model_id']} (test accuracy {restored['test_accuracy']:.4f}), {args.registry / restored['onnx']}")
+        return 0
     if args.command in ("server", "deploy", "worker", "serve"):
         return _orchestrate(args)
     raise AssertionError(f"unhandled command {args.command}")

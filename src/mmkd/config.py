@@ -236,6 +236,9 @@ class PromotionConfig(_Strict):
         0.0, ge=0, le=1,
         description="Test accuracy the new student must gain over the current one, both scored on the new test split.",
     )
+    max_p50_ms: float | None = Field(
+        None, gt=0, description="Latency budget: the ONNX student's batch-1 p50 in milliseconds must not exceed it.",
+    )
 
 
 class LabelRule(_Strict):

@@ -3,8 +3,10 @@
 A registry folder holds:
 
 - `current.json`: the promoted model, switched atomically by renaming a new file onto it;
-- `models/<run name>/`: each promoted student's ONNX model and metrics;
-- `history.jsonl`: every decision, promoted or not, with both scores and the reason.
+- `models/<run name>/`: each promoted student's ONNX model, metrics and record (whose
+  `previous` names the model it replaced, which `rollback` restores);
+- `history.jsonl`: every decision, promoted or not, with both scores and the reason, and
+  every rollback.
 
 Both students are scored on the candidate run's test split, so a change of data never
 makes an old score look better or worse than it is.
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.data.loading import TensorDataset
-from mmkd.runs import atomic_write_json
+from mmkd.errors import MmkdError
+from mmkd.reports import p50
+from mmkd.runs import atomic_write, atomic_write_json
 
 
 def read_current(registry: Path) -> dict[str, Any] | None:
@@ -72,14 +76,56 @@ def _append_history(registry: Path, record: dict[str, Any]) -> None:
         history.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def promote_if_better(run_dir: Path, registry: Path, test: TensorDataset, *, min_improvement: float) -> dict[str, Any]:
+def make_current(registry: Path, record: dict[str, Any]) -> None:
+    """Switch the registry to the model that `record` describes, in one atomic rename.
+
+    A process killed at any point leaves current.json naming either the old or the new
+    model, both of whose files are in place.
+    """
+    atomic_write_json(Path(registry) / "current.json", record)
+
+
+def rollback(registry: Path) -> dict[str, Any]:
+    """Make the model promoted before the current one current again; return its record.
+
+    Raises:
+        MmkdError: the registry has no current model, or the current one was the first.
+    """
+    registry = Path(registry)
+    current = read_current(registry)
+    if current is None:
+        raise MmkdError(f"Registry {registry} has no current.json: no model was promoted, so none can be rolled back.")
+    if not current.get("previous"):
+        raise MmkdError(f"Registry {registry}: {current['model_id']} was the first model promoted; there is no earlier one to restore.")
+    earlier = json.loads((registry / "models" / current["previous"] / "record.json").read_text(encoding="utf-8"))
+    make_current(registry, earlier)
+    _append_history(registry, {
+        "action": "rollback", "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "from": current["model_id"], "to": earlier["model_id"],
+    })
+    return earlier
+
+
+def _student_p50_ms(run_dir: Path) -> float | None:
+    """The ONNX student's batch-1 p50 latency from the run's benchmark.json, if it was measured."""
+    path = run_dir / "benchmark.json"
+    if not path.exists():
+        return None
+    return p50(json.loads(path.read_text(encoding="utf-8")), "student", "onnxruntime", 1)
+
+
+def promote_if_better(
+    run_dir: Path, registry: Path, test: TensorDataset, *, min_improvement: float, max_p50_ms: float | None = None
+) -> dict[str, Any]:
     """Score the run's student and the current one on `test`, record the decision and apply it.
 
     Args:
-        run_dir: A finished run folder with student.onnx and metrics.json.
+        run_dir: A finished run folder with student.onnx, metrics.json and benchmark.json.
         registry: The registry folder; created on first use.
         test: The run's test split.
         min_improvement: Accuracy the candidate must gain to replace the current model.
+        max_p50_ms: Latency budget: a candidate whose ONNX batch-1 p50 exceeds it (or was
+            not measured) is not promoted. None sets no budget.
 
     Returns:
         The decision record that was appended to history.jsonl.
@@ -101,24 +147,32 @@ def promote_if_better(run_dir: Path, registry: Path, test: TensorDataset, *, min
         promoted, reason = decide(candidate_accuracy, current_accuracy, min_improvement)
     else:
         promoted = False
+    latency = _student_p50_ms(run_dir)
+    if promoted and max_p50_ms is not None and (latency is None or latency > max_p50_ms):
+        promoted = False
+        measured = "was not measured" if latency is None else f"is {latency:.3f} ms"
+        reason = f"over the latency budget: batch-1 p50 {measured}, budget {max_p50_ms:.3f} ms"
 
     record = {
-        "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "action": "promotion", "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "candidate": run_dir.name, "candidate_run_dir": str(run_dir), "candidate_accuracy": candidate_accuracy,
-        "current": current["model_id"] if current else None, "current_accuracy": current_accuracy,
-        "test_rows": len(test), "min_improvement": min_improvement, "promoted": promoted, "reason": reason,
+        "candidate_p50_ms": latency, "current": current["model_id"] if current else None,
+        "current_accuracy": current_accuracy, "test_rows": len(test), "min_improvement": min_improvement,
+        "max_p50_ms": max_p50_ms, "promoted": promoted, "reason": reason,
     }
     if promoted:
+        # The model's files are complete before current.json names it.
         model_dir = registry / "models" / run_dir.name
-        model_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(candidate_onnx, model_dir / "student.onnx")
-        if (run_dir / "metrics.json").exists():
-            shutil.copyfile(run_dir / "metrics.json", model_dir / "metrics.json")
-        atomic_write_json(registry / "current.json", {
+        for name in ("student.onnx", "metrics.json"):
+            if (run_dir / name).exists():
+                atomic_write(model_dir / name, lambda tmp, name=name: shutil.copyfile(run_dir / name, tmp))
+        model = {
             "model_id": run_dir.name, "run_dir": str(run_dir), "onnx": f"models/{run_dir.name}/student.onnx",
             "test_accuracy": candidate_accuracy, "promoted_at": record["decided_at"],
             "previous": current["model_id"] if current else None,
-        })
+        }
+        atomic_write_json(model_dir / "record.json", model)
+        make_current(registry, model)
     _append_history(registry, record)
     return record
 
