@@ -17,6 +17,7 @@ from mmkd.flows.evaluate import evaluate_flow
 from mmkd.flows.export import export_flow
 from mmkd.flows.extract import extract_flow
 from mmkd.flows.finetune import finetune_flow
+from mmkd.flows.promote import promote_flow
 from mmkd.flows.teacher import teacher_flow
 from mmkd.flows.validate import use_kept_rows, validate_flow
 from mmkd.flows._common import flow_logger
@@ -35,7 +36,7 @@ def _link_latest(out_dir: Path, run_dir: Path) -> None:
     os.replace(temporary, link)
 
 
-def _publish(metrics: dict, benchmark: list[dict], run_dir: Path, reused: dict[str, str]) -> None:
+def _publish(metrics: dict, benchmark: list[dict], run_dir: Path, reused: dict[str, str], promotion: dict | None) -> None:
     """Show the run as Prefect table and markdown artifacts."""
     if FlowRunContext.get() is None:
         return
@@ -61,13 +62,20 @@ def _publish(metrics: dict, benchmark: list[dict], run_dir: Path, reused: dict[s
             f"baseline {metrics['baseline']['test']['accuracy']:.4f}, "
             f"ONNX student {metrics['onnx']['test']['accuracy']:.4f}.\n\n"
             f"Stages reused from earlier runs: {reused_text}.\n\n"
+            f"Promotion: {_promotion_text(promotion)}.\n\n"
             + "".join(f"- [{name}]({path.resolve().as_uri()}): `{path}`\n" for name, path in links)
         ),
         description="What the run produced, with links to its files",
     )
 
 
-@flow(name="pipeline", description="validate, teacher, extract, distill, finetune, evaluate, export and benchmark in one run.")
+def _promotion_text(promotion: dict | None) -> str:
+    if promotion is None:
+        return "off (promotion.enabled is false)"
+    return f"{'promoted' if promotion['promoted'] else 'not promoted'}, {promotion['reason']}"
+
+
+@flow(name="pipeline", description="validate, teacher, extract, distill, finetune, evaluate, export, benchmark and promote in one run.")
 def pipeline_flow(
     config_path: str, out_dir: str, seed: int | None = None, manifest: str | None = None, reuse: bool = True
 ) -> dict:
@@ -152,7 +160,13 @@ def pipeline_flow(
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
     _link_latest(out, run_dir)
-    _publish(metrics, benchmark, run_dir, reused)
+
+    # Last, the gate: the registry's student is replaced only by one that is not worse.
+    promotion = None
+    if config.promotion.enabled:
+        with tags("mmkd"):
+            promotion = promote_flow(str(run_dir))
+    _publish(metrics, benchmark, run_dir, reused, promotion)
     latency = p50(benchmark, "student", "onnxruntime", 1)
     logger.info(
         "Test accuracy: teacher %.4f, student %.4f, baseline %.4f, ONNX student %.4f; ONNX student p50 at batch 1: %s",
@@ -160,4 +174,4 @@ def pipeline_flow(
         metrics["baseline"]["test"]["accuracy"], metrics["onnx"]["test"]["accuracy"],
         "not measured" if latency is None else f"{latency:.3f} ms",
     )
-    return {**metrics, "run_dir": str(run_dir), "benchmark": benchmark, "reused": reused}
+    return {**metrics, "run_dir": str(run_dir), "benchmark": benchmark, "reused": reused, "promotion": promotion}

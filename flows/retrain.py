@@ -1,4 +1,4 @@
-"""Retrain flow: the pipeline on updated data, then the promotion decision."""
+"""Retrain flow: the pipeline, promotion included, on the data that a watcher saw change."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ from prefect import flow
 
 from mmkd.flows._common import flow_logger
 from mmkd.flows.pipeline import pipeline_flow
-from mmkd.flows.promote import promote_flow
 
 
-@flow(name="retrain", description="Run the pipeline on the updated dataset and promote the student if it is not worse.")
+@flow(name="retrain", description="Run the pipeline, promotion included, on the dataset an event names.")
 def retrain_flow(
     config_path: str,
     out_dir: str,
@@ -35,6 +34,5 @@ def retrain_flow(
     logger.info("Retraining for dataset %s: %s new rows, fingerprint %s", dataset or "(config)",
                 "?" if new_rows is None else new_rows, (fingerprint or "?")[:12])
     result = pipeline_flow(config_path, out_dir, manifest=manifest)
-    decision = promote_flow(result["run_dir"])
     return {"run_dir": result["run_dir"], "student_accuracy": result["student"]["test"]["accuracy"],
-            "dataset_fingerprint": fingerprint, "promotion": decision}
+            "dataset_fingerprint": fingerprint, "promotion": result["promotion"]}

@@ -229,6 +229,7 @@ class ExportConfig(_Strict):
 class PromotionConfig(_Strict):
     """When a retrained student replaces the one in the model registry."""
 
+    enabled: bool = Field(True, description="Run the promote stage at the end of each pipeline run.")
     registry: Path | None = Field(
         None, description="Folder of the promoted model and its history; by default registry/ beside the runs."
     )
