@@ -1,10 +1,13 @@
-"""Benchmark flow: ONNX Runtime against PyTorch eager for teacher and student."""
+"""Benchmark flow: ONNX Runtime against PyTorch eager for teacher and student, and the student's ONNX variants."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from prefect import flow
 
-from mmkd.benchmarking import benchmark_model
+from mmkd.benchmarking import benchmark_model, benchmark_onnx
 from mmkd.checkpoints import load_checkpoint
 from mmkd.flows._common import flow_logger, load_run_inputs
 from mmkd.reports import benchmark_markdown
@@ -27,6 +30,18 @@ def benchmark_flow(run_dir: str) -> list[dict]:
         model, _ = load_checkpoint(checkpoint, config)
         rows += benchmark_model(
             role, model, onnx_path, test.model_inputs(),
+            batch_sizes=settings.batch_sizes, providers=settings.providers, threads=settings.threads,
+            warmup=settings.warmup, iterations=settings.iterations,
+        )
+
+    # The student's smaller ONNX variants, on the same rows and settings.
+    variants_report = paths.run_dir / "variants" / "variants.json"
+    variants = json.loads(variants_report.read_text(encoding="utf-8")) if variants_report.exists() else {}
+    for kind, variant in variants.items():
+        if kind == "fp32" or not variant["accepted"]:
+            continue
+        rows += benchmark_onnx(
+            f"student-{kind}", variants_report.parent / Path(variant["path"]).name, test.model_inputs(),
             batch_sizes=settings.batch_sizes, providers=settings.providers, threads=settings.threads,
             warmup=settings.warmup, iterations=settings.iterations,
         )

@@ -9,12 +9,14 @@ from mmkd.benchmarking import create_session
 from mmkd.checkpoints import load_checkpoint
 from mmkd.flows._common import flow_logger, load_run_inputs
 from mmkd.onnx_export import check_parity, export_onnx
+from mmkd.onnx_variants import build_variants
+from mmkd.runs import atomic_write_json
 from mmkd.training import predict
 
 
-@flow(name="export", description="Export student.onnx and teacher.onnx; check them against PyTorch on the test split.")
+@flow(name="export", description="Export student.onnx and teacher.onnx, check them against PyTorch, make the student's variants.")
 def export_flow(run_dir: str) -> dict:
-    """Write the ONNX models and return the student's parity and ONNX test accuracy."""
+    """Write the ONNX models and the student's variants; return parity, accuracies and sizes."""
     logger = flow_logger()
     paths, config, dataset = load_run_inputs(run_dir)
     test = dataset.subset("test")
@@ -45,4 +47,11 @@ def export_flow(run_dir: str) -> dict:
             "%s.onnx: test accuracy %.4f, max |ONNX - PyTorch| %.3g over %d rows",
             role, report[role]["accuracy"], report[role]["max_abs_diff"], len(test),
         )
+
+    # Smaller variants of the student, each scored on the test split and kept only within the margin.
+    report["variants"] = build_variants(
+        paths.student_onnx, paths.run_dir / "variants", list(config.export.variants),
+        test=test, calibration=dataset.subset("val"), max_accuracy_drop=config.export.max_accuracy_drop,
+    )
+    atomic_write_json(paths.run_dir / "variants" / "variants.json", report["variants"])
     return report

@@ -124,11 +124,42 @@ def test_export_flow_writes_checked_onnx_models_that_match_pytorch(run_dir):
         reference, _ = model(*(torch.from_numpy(v) for v in short.values()))
     assert np.abs(session.run(None, short)[0] - reference.numpy()).max() <= 1e-4
 
+    # The variants, each scored independently here on the same test rows.
+    variants = json.loads((run_dir / "variants" / "variants.json").read_text())
+    assert set(variants) == {"fp32", "fp16", "int8_dynamic", "int8_static"}
+    assert variants["fp32"]["accuracy"] == pytest.approx(expected_accuracy)
+    for kind in ("fp16", "int8_dynamic", "int8_static"):
+        variant = variants[kind]
+        assert variant["accepted"] is (expected_accuracy - variant["accuracy"] <= 0.005 + 1e-12)
+        if not variant["accepted"]:
+            assert not (run_dir / "variants" / f"student.{kind}.onnx").exists()
+            continue
+        variant_session = ort.InferenceSession(variant["path"], providers=["CPUExecutionProvider"])
+        logits, _ = variant_session.run(None, {"image": image, "audio": audio, "mask": mask})
+        assert variant["accuracy"] == pytest.approx(float((logits.argmax(1) == dataset.labels.numpy()).mean()))
+        assert variant["max_abs_diff_vs_fp32"] == pytest.approx(float(np.abs(logits - onnx_logits).max()), rel=1e-5)
+        assert [i.name for i in variant_session.get_inputs()] == ["image", "audio", "mask"]
+        assert [i.type for i in variant_session.get_inputs()] == [i.type for i in session.get_inputs()]
+    assert variants["fp16"]["bytes"] < variants["fp32"]["bytes"]
+
+    # What each accepted variant's graph holds: float16 weights, or int8 with a float32 front end.
+    graphs = {kind: onnx.load(variants[kind]["path"]).graph for kind in variants if kind != "fp32" and variants[kind]["accepted"]}
+    if "fp16" in graphs:
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graphs["fp16"].initializer)
+    if "int8_static" in graphs:
+        nodes = graphs["int8_static"].node
+        assert any(n.op_type == "QuantizeLinear" for n in nodes)
+        producers = {output: n.op_type for n in nodes for output in n.output}
+        assert all(producers.get(n.input[0]) != "DequantizeLinear" for n in nodes if n.op_type == "Log")
+
 
 def test_benchmark_flow_reports_both_engines_and_the_provider_actually_used(run_dir):
     rows = benchmark_flow.fn(str(run_dir))
     assert json.loads((run_dir / "benchmark.json").read_text()) == rows
-    assert len(rows) == 2 * 2 * 2  # models x engines x batch sizes
+    variants = json.loads((run_dir / "variants" / "variants.json").read_text())
+    accepted = [kind for kind, variant in variants.items() if kind != "fp32" and variant["accepted"]]
+    assert len(rows) == 2 * 2 * 2 + len(accepted) * 2  # models x engines x batch sizes, then variants x batch sizes
+    assert {r["model"] for r in rows if r["model"].startswith("student-")} == {f"student-{kind}" for kind in accepted}
     for row in rows:
         assert BENCHMARK_KEYS <= set(row)
         assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]

@@ -72,6 +72,42 @@ def summarise(latencies_ms: np.ndarray, batch_size: int) -> dict:
     }
 
 
+def _repeat_rows(inputs: tuple[torch.Tensor, ...], batch_size: int) -> tuple[torch.Tensor, ...]:
+    """A batch of `batch_size` rows made of the real rows in `inputs`, repeated as needed."""
+    index = torch.arange(batch_size) % len(inputs[0])
+    return tuple(x[index].contiguous() for x in inputs)
+
+
+def benchmark_onnx(
+    name: str,
+    onnx_path: Path,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    batch_sizes: list[int],
+    providers: list[str],
+    threads: int,
+    warmup: int,
+    iterations: int,
+) -> list[dict]:
+    """Time one ONNX model in ONNX Runtime at each batch size; one row per batch size."""
+    session, provider_record = create_session(onnx_path, providers, threads=threads)
+    input_names = [i.name for i in session.get_inputs()]
+    rows: list[dict] = []
+    for batch_size in batch_sizes:
+        batch = _repeat_rows(inputs, batch_size)
+        feed = {n: x.numpy() for n, x in zip(input_names, batch, strict=True)}
+        onnx_ms = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations)
+        rows.append({
+            "model": name, "engine": "onnxruntime", "provider": provider_record["used"],
+            "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
+            **summarise(onnx_ms, batch_size),
+            "requested_providers": provider_record["requested"],
+            "providers_not_loaded": provider_record["not_loaded"],
+        })
+        logger.info("%s batch %d: onnxruntime (%s) p50 %.3f ms", name, batch_size, provider_record["used"], rows[-1]["p50_ms"])
+    return rows
+
+
 def benchmark_model(
     name: str,
     model: torch.nn.Module,
@@ -87,28 +123,19 @@ def benchmark_model(
     """Time one model in ONNX Runtime and in PyTorch eager at each batch size.
 
     `inputs` are real rows in the model's positional order; a batch of size b repeats
-    them as needed.
+    them as needed. PyTorch runs on CUDA when ONNX Runtime's session does.
     """
-    session, provider_record = create_session(onnx_path, providers, threads=threads)
-    input_names = [i.name for i in session.get_inputs()]
-    device = torch.device("cuda") if provider_record["used"] == "CUDAExecutionProvider" else torch.device("cpu")
+    onnx_rows = benchmark_onnx(name, onnx_path, inputs, batch_sizes=batch_sizes, providers=providers,
+                               threads=threads, warmup=warmup, iterations=iterations)
+    device = torch.device("cuda") if onnx_rows[0]["provider"] == "CUDAExecutionProvider" else torch.device("cpu")
     model = model.eval().to(device)
+    input_names = [*getattr(model, "modalities", []), "mask"]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows: list[dict] = []
     try:
-        for batch_size in batch_sizes:
-            index = torch.arange(batch_size) % len(inputs[0])
-            batch = tuple(x[index].contiguous() for x in inputs)
-            feed = {n: x.numpy() for n, x in zip(input_names, batch, strict=True)}
-            onnx_ms = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations)
-            rows.append({
-                "model": name, "engine": "onnxruntime", "provider": provider_record["used"],
-                "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
-                **summarise(onnx_ms, batch_size),
-                "requested_providers": provider_record["requested"],
-                "providers_not_loaded": provider_record["not_loaded"],
-            })
+        for onnx_row, batch_size in zip(onnx_rows, batch_sizes, strict=True):
+            batch = _repeat_rows(inputs, batch_size)
             torch_batch = tuple(x.to(device) for x in batch)
 
             def torch_call() -> None:
@@ -118,15 +145,12 @@ def benchmark_model(
                     torch.cuda.synchronize()
 
             torch_ms = time_calls(torch_call, warmup=warmup, iterations=iterations)
-            rows.append({
+            rows += [onnx_row, {
                 "model": name, "engine": "pytorch-eager", "provider": str(device),
                 "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
                 **summarise(torch_ms, batch_size),
-            })
-            logger.info(
-                "%s batch %d: onnxruntime (%s) p50 %.3f ms, pytorch eager p50 %.3f ms",
-                name, batch_size, provider_record["used"], rows[-2]["p50_ms"], rows[-1]["p50_ms"],
-            )
+            }]
+            logger.info("%s batch %d: pytorch eager p50 %.3f ms", name, batch_size, rows[-1]["p50_ms"])
     finally:
         torch.set_num_threads(previous_threads)
     return rows

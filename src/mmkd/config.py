@@ -224,6 +224,14 @@ class ExportConfig(_Strict):
     parity_max_abs_diff: float = Field(
         1e-4, gt=0, le=1, description="Largest tolerated |ONNX - PyTorch| over every test logit."
     )
+    variants: list[Literal["fp16", "int8_dynamic", "int8_static"]] = Field(
+        default_factory=lambda: ["fp16", "int8_dynamic", "int8_static"],
+        description="Smaller variants of the student to make with ONNX Runtime's tools; int8_static calibrates on the validation split.",
+    )
+    max_accuracy_drop: float = Field(
+        0.005, ge=0, le=1,
+        description="Test accuracy a variant may lose against the float32 student (0.005 is half a point); a variant losing more is deleted.",
+    )
 
 
 class PromotionConfig(_Strict):
