@@ -38,3 +38,7 @@ def test_judge(fp32, variant, margin, accepted):
 
 def test_judge_reason_states_the_figures():
     assert judge(0.95, 0.90, 0.005)[1] == "accuracy 0.9000 is 5.00 points below fp32 0.9500, more than the allowed 0.50"
+
+
+def test_judge_reason_for_a_better_variant():
+    assert judge(0.90, 0.95, 0.005)[1] == "accuracy 0.9500, 5.00 points above fp32 0.9000 (allowed loss 0.50)"

@@ -104,7 +104,8 @@ def judge(fp32_accuracy: float, accuracy: float, max_drop: float) -> tuple[bool,
     drop = fp32_accuracy - accuracy
     # Accuracies are multiples of 1/rows; tolerate float round-off at the boundary.
     if drop <= max_drop + 1e-12:
-        return True, f"accuracy {accuracy:.4f}, {drop * 100:+.2f} points below fp32 {fp32_accuracy:.4f} (allowed {max_drop * 100:.2f})"
+        change = f"{drop * 100:.2f} points below" if drop > 0 else f"{-drop * 100:.2f} points above"
+        return True, f"accuracy {accuracy:.4f}, {change} fp32 {fp32_accuracy:.4f} (allowed loss {max_drop * 100:.2f})"
     return False, f"accuracy {accuracy:.4f} is {drop * 100:.2f} points below fp32 {fp32_accuracy:.4f}, more than the allowed {max_drop * 100:.2f}"
 
 
