@@ -136,7 +136,8 @@ class EpochProgress:
     def finish(self, epochs_run: int) -> None:
         """Fill the bar; early stopping ends a stage before its last epoch."""
         stopped = f", stopped early after {epochs_run}" if epochs_run < self.epochs else ""
-        self._update(100.0, f"{self.stage}: done{stopped} ({self.epochs} epochs planned)")
+        planned = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''} planned"
+        self._update(100.0, f"{self.stage}: done{stopped} ({planned})")
 
     def _update(self, progress: float, description: str) -> None:
         if self.artifact_id is None:

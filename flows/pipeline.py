@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -47,7 +46,8 @@ def _publish(metrics: dict, benchmark: list[dict], run_dir: Path, reused: dict[s
         description=f"Test metrics of run {run_dir.name}: teacher, distilled student, label-only baseline and ONNX student",
     )
     report = Path(metrics["validation"]["report"])
-    data_docs = json.loads(report.read_text(encoding="utf-8")).get("data_docs_index") if report.exists() else None
+    # Found in this run's folder: a reused validation's report names the earlier run's copy.
+    data_docs = min((run_dir / "validation").rglob("index.html"), key=lambda page: len(page.parts), default=None)
     links = [("Run folder", run_dir), ("Metrics", run_dir / "metrics.json"), ("Benchmark", run_dir / "benchmark.md"),
              ("Validation report", report)]
     if data_docs:
@@ -150,7 +150,7 @@ def pipeline_flow(
         "student": evaluation["student"],
         "baseline": evaluation["baseline"],
         "onnx": {
-            "test": {"accuracy": parity["student"]["accuracy"],
+            "test": {"accuracy": parity["student"]["accuracy"], "macro_f1": parity["student"]["macro_f1"],
                      "agreement_with_pytorch": parity["student"]["agreement_with_pytorch"]},
             "parity_max_abs_diff": parity["student"]["max_abs_diff"],
             "parity": parity,

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
+from mmkd.config import load_config
 from mmkd.flows._common import flow_logger
 from mmkd.flows.pipeline import pipeline_flow
+from mmkd.watching import snapshot_dataset
+
+# Passes of the pipeline one retrain makes while rows keep arriving.
+MAX_PASSES = 3
 
 
 @flow(name="retrain", description="Run the pipeline, promotion included, on the dataset an event names.")
@@ -33,6 +38,20 @@ def retrain_flow(
     logger = flow_logger()
     logger.info("Retraining for dataset %s: %s new rows, fingerprint %s", dataset or "(config)",
                 "?" if new_rows is None else new_rows, (fingerprint or "?")[:12])
-    result = pipeline_flow(config_path, out_dir, manifest=manifest)
+    # Rows added while the pipeline runs raise events that the trigger drops (its window is
+    # open) or cancels (this run holds the concurrency slot), so this run trains on them.
+    data = load_config(config_path).data
+    watched = manifest or data.manifest
+    for attempt in range(1, MAX_PASSES + 1):
+        before = snapshot_dataset(watched, root=data.root).fingerprint
+        result = pipeline_flow(config_path, out_dir, manifest=manifest)
+        after = snapshot_dataset(watched, root=data.root).fingerprint
+        if after == before:
+            break
+        if attempt < MAX_PASSES:
+            logger.info("The data changed while the pipeline ran; running it again on the new rows")
+        else:
+            logger.warning("The data changed during each of %d passes; rows added during the last one are "
+                           "not trained yet, so run the retrain deployment again", MAX_PASSES)
     return {"run_dir": result["run_dir"], "student_accuracy": result["student"]["test"]["accuracy"],
             "dataset_fingerprint": fingerprint, "promotion": result["promotion"]}

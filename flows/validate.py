@@ -75,11 +75,14 @@ def validate_flow(run_dir: str) -> dict:
 
 
 def use_kept_rows(run_dir: str, summary: dict) -> None:
-    """Point the run's config at the clean manifest when validation set rows aside."""
-    if not summary["rows_quarantined"]:
-        return
+    """Point the run's config at the clean manifest: exactly the rows validation checked and kept.
+
+    Later stages read it even when no row was set aside, so rows appended to the original
+    manifest while the run goes on never reach training unchecked.
+    """
     paths = RunPaths(Path(run_dir))
     config = load_config(paths.config)
     data = config.data.model_copy(update={"manifest": Path(summary["clean_manifest"]), "root": Path(summary["data_root"])})
     save_config(config.model_copy(update={"data": data}), paths.config)
-    flow_logger().info("Later stages read %s (%d rows set aside)", summary["clean_manifest"], summary["rows_quarantined"])
+    flow_logger().info("Later stages read %s (%d rows kept, %d set aside)", summary["clean_manifest"],
+                       summary["rows_kept"], summary["rows_quarantined"])

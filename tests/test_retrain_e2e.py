@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from live_prefect import MMKD, listening_addresses, live_server, stop
 from test_watch import append_rows
 
 REPO = Path(__file__).resolve().parents[1]
+WINDOW_S = 45
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -35,6 +37,13 @@ def project(tmp_path_factory, small_avdigits):
     folder = tmp_path_factory.mktemp("project")
     shutil.copytree(small_avdigits.parent, folder / "data")
     write_config(folder, Path("data/manifest.csv"))
+
+    # The user's own copy of prefect.yaml, with the retrain window cut from 5 minutes to 45 s.
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text(encoding="utf-8"))
+    retrain = next(d for d in spec["deployments"] if d["name"] == "retrain")
+    retrain["triggers"][0].update(within=WINDOW_S, schedule_after=WINDOW_S)
+    (folder / "deployments").mkdir()
+    (folder / "deployments" / "prefect.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
     return folder
 
 
@@ -52,6 +61,12 @@ def flow_runs_of(live, deployment_name: str) -> list:
 
     return api(live, lambda client: client.read_flow_runs(
         deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name]))))
+
+
+def flow_runs_named(live, flow_name: str) -> list:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    return api(live, lambda client: client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name]))))
 
 
 def wait_for_final(live, flow_run_id, timeout: float) -> object:
@@ -72,11 +87,11 @@ def run_deployment_and_wait(live, name: str, timeout: float = 240) -> object:
 def test_server_loopback_and_no_telemetry(live):
     assert listening_addresses(live.port) == {"127.0.0.1"}
 
-    # `mmkd server` runs Prefect's server as its child, whose environment is read here.
-    children = Path(f"/proc/{live.process.pid}/task/{live.process.pid}/children").read_text().split()
-    assert len(children) == 1
+    # `mmkd server` replaces itself with Prefect's server, whose environment is read here.
+    command_line = Path(f"/proc/{live.process.pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
+    assert command_line[-6:] == ["server", "start", "--host", "127.0.0.1", "--port", str(live.port)]
     environ = dict(item.split("=", 1) for item in
-                   Path(f"/proc/{children[0]}/environ").read_bytes().decode().split("\0") if "=" in item)
+                   Path(f"/proc/{live.process.pid}/environ").read_bytes().decode().split("\0") if "=" in item)
     assert environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert environ["DO_NOT_TRACK"] == "1"
     assert environ["PREFECT_UI_API_URL"] == live.api_url
@@ -84,7 +99,7 @@ def test_server_loopback_and_no_telemetry(live):
 
 @pytest.fixture(scope="module")
 def deployed(live, project):
-    # No --file: from a project folder, mmkd deploy takes the prefect.yaml installed with it.
+    # No --file: mmkd deploy takes the project's deployments/prefect.yaml.
     result = subprocess.run([MMKD, "deploy"],
                             cwd=project, env=live.env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -117,7 +132,7 @@ def test_deploy_registers_every_deployment(live, deployed):
     automations = api(live, lambda client: client.read_automations())
     trigger = next(a.trigger for a in automations if a.actions[0].deployment_id == retrain.id)
     assert trigger.expect == {"mmkd.dataset.updated"}
-    assert trigger.within.total_seconds() == 600
+    assert trigger.within.total_seconds() == WINDOW_S
     assert trigger.threshold == 1
 
 
@@ -128,7 +143,7 @@ def test_new_rows_start_one_retrain(live, project, worker):
     baseline = run_deployment_and_wait(live, "watch/watch")
     assert baseline.state.type.value == "COMPLETED", worker.read_text()[-3000:]
 
-    # Two quick appends, each seen by a tick: two events, one retrain.
+    # Two quick appends, each seen by a tick within the window: two events, one retrain.
     append_rows(manifest, 3, prefix="first")
     assert run_deployment_and_wait(live, "watch/watch").state.type.value == "COMPLETED"
     append_rows(manifest, 2, prefix="second")
@@ -156,6 +171,12 @@ def test_new_rows_start_one_retrain(live, project, worker):
         assert time.monotonic() < deadline, "the retrain run did not start"
         time.sleep(1)
     extra = api(live, lambda client: client.create_flow_run_from_deployment(runs[0].deployment_id))
+    # Rows added after the first pass validated its rows are trained by the same run, in a second pass.
+    deadline = time.monotonic() + 120
+    while not flow_runs_named(live, "teacher"):
+        assert time.monotonic() < deadline, "the first pass did not reach its teacher stage"
+        time.sleep(1)
+    append_rows(manifest, 2, prefix="third")
 
     retrain = wait_for_final(live, runs[0].id, timeout=420)
     assert retrain.state.type.value == "COMPLETED", worker.read_text()[-5000:]
@@ -170,38 +191,45 @@ def test_new_rows_start_one_retrain(live, project, worker):
 
     # The decision is recorded in the registry and as an artifact of the run.
     history = [json.loads(line) for line in (project / "runs" / "registry" / "history.jsonl").read_text().splitlines()]
-    assert len(history) == 1
+    assert len(history) == 2
     assert history[0]["promoted"] is True
     assert history[0]["reason"] == "no model has been promoted yet"
-    metrics = json.loads((Path(history[0]["candidate_run_dir"]) / "metrics.json").read_text())
-    assert metrics["validation"]["rows_in"] == 125
+    assert history[1]["current"] == history[0]["candidate"]
+    first_pass = json.loads((Path(history[0]["candidate_run_dir"]) / "metrics.json").read_text())
+    assert first_pass["validation"]["rows_in"] == 125
+    metrics = json.loads((Path(history[1]["candidate_run_dir"]) / "metrics.json").read_text())
+    assert metrics["validation"]["rows_in"] == 127
 
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     decision = api(live, lambda client: client.read_artifacts(
         artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["promotion-decision"]))))
-    assert len(decision) == 1
-    assert decision[0].data.startswith("## Student promoted")
+    assert len(decision) == 2
+    assert any(artifact.data.startswith("## Student promoted") for artifact in decision)
 
     # The pipeline run inside the retrain shows its metrics table in the Prefect UI.
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-
-    pipeline_runs = api(live, lambda client: client.read_flow_runs(
-        flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"]))))
-    assert len(pipeline_runs) == 1
-    check_metrics_table_in_ui(live, pipeline_runs[0].id, metrics)
+    pipeline_runs = flow_runs_named(live, "pipeline")
+    assert len(pipeline_runs) == 2
+    last_pass = max(pipeline_runs, key=lambda run: run.start_time)
+    check_metrics_table_in_ui(live, last_pass.id, metrics)
 
     # mmkd's own log lines reach the server from the worker's flow run.
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     logs = api(live, lambda client: client.read_logs(
-        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[pipeline_runs[0].id]))))
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[last_pass.id]))))
     assert any(log.message.startswith("Test accuracy: teacher") for log in logs)
-    teacher_runs = api(live, lambda client: client.read_flow_runs(
-        flow_filter=FlowFilter(name=FlowFilterName(any_=["teacher"]))))
+    teacher_runs = flow_runs_named(live, "teacher")
     teacher_logs = api(live, lambda client: client.read_logs(
         log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[teacher_runs[0].id]))))
-    assert any(log.name == "mmkd.training" and log.message.startswith("teacher epoch 1/2") for log in teacher_logs), [(log.name, log.message[:60]) for log in teacher_logs]
+    assert any(log.name == "mmkd.training" and log.message.startswith("teacher epoch 1/2") for log in teacher_logs)
+
+
+def test_serve_refuses_deployments_a_worker_runs(live, project, deployed):
+    result = subprocess.run([MMKD, "serve"], cwd=project, env=live.env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "are deployed for a worker (by `mmkd deploy`)" in result.stderr
+    assert "prefect deployment delete" in result.stderr
 
 
 def check_metrics_table_in_ui(live, flow_run_id, metrics: dict) -> None:

@@ -15,6 +15,7 @@ from mmkd.data.loading import TensorDataset
 from mmkd.errors import ExportError
 from mmkd.models.multimodal import MultimodalClassifier
 from mmkd.runs import atomic_write
+from mmkd.training import classification_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def check_parity(
     report["max_abs_diff"] = worst_diff
     report["accuracy"] = int((predicted == data.labels.numpy()).sum()) / len(data)
     report["agreement_with_pytorch"] = float((predicted == torch_logits.argmax(1).numpy()).mean())
+    report["macro_f1"] = classification_metrics(torch.from_numpy(onnx_logits), data.labels, data.classes)["macro_f1"]
     if worst_diff > max_abs_diff:
         raise ExportError(
             f"ONNX output {worst_output!r} differs from PyTorch by {worst_diff:.3g} on row {worst_row!r}, "

@@ -54,6 +54,16 @@ def _run_prefect(arguments: list[str], *, cwd: Path | None = None, env: dict[str
         return 130
 
 
+def _exec_prefect(arguments: list[str], *, env: dict[str, str] | None = None) -> int:
+    """Replace this process with a long-running Prefect command, so that a signal sent to
+    this process (from `kill`, a service manager or a container runtime) reaches Prefect."""
+    command = [prefect_executable(), *arguments]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, env if env is not None else dict(os.environ))
+    raise AssertionError("os.execve returned")  # pragma: no cover - execve does not return
+
+
 def server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
     """Run a Prefect server with its SQLite database under PREFECT_HOME until interrupted.
 
@@ -66,7 +76,7 @@ def server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> int:
     print(f"Prefect UI and API on {url} (set PREFECT_API_URL={url}/api)")
     # The UI sends its requests to PREFECT_UI_API_URL, which otherwise stays on port 4200.
     env = {**os.environ, "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", f"{url}/api")}
-    return _run_prefect(["server", "start", "--host", host, "--port", str(port)], env=env)
+    return _exec_prefect(["server", "start", "--host", host, "--port", str(port)], env=env)
 
 
 def load_deployment_specs(path: Path) -> list[dict[str, Any]]:
@@ -115,7 +125,8 @@ def deploy(path: Path | None = None, *, pool: str = DEFAULT_POOL, names: list[st
     path = Path(path or default_deployments_file()).resolve()
     specs = load_deployment_specs(path)
     if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError("PREFECT_API_URL is not set; start `mmkd server` and set it to http://127.0.0.1:4200/api.")
+        raise ConfigError("PREFECT_API_URL is not set; start `mmkd server` and set it to the API address it prints, "
+                          "such as http://127.0.0.1:4200/api.")
     if ensure_work_pool(pool):
         print(f"Created the process work pool {pool!r}")
     chosen = names or [spec["name"] for spec in specs]
@@ -133,7 +144,7 @@ def worker(pool: str = DEFAULT_POOL, *, name: str | None = None, limit: int | No
         arguments += ["--name", name]
     if limit:
         arguments += ["--limit", str(limit)]
-    return _run_prefect(arguments)
+    return _exec_prefect(arguments)
 
 
 def _schedules(spec: dict[str, Any]) -> list:
@@ -176,8 +187,30 @@ def build_served_deployments(specs: list[dict[str, Any]]) -> list:
     return deployments
 
 
+def _deployed_to_pools(names: list[str]) -> list[str]:
+    """Return `flow/deployment` names among `names` that the server has bound to a work pool."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()
+                      if d.name in names and d.work_pool_name)
+
+
 def serve(path: Path | None = None) -> None:
-    """Serve every deployment of `path` from this process until interrupted; no worker needed."""
+    """Serve every deployment of `path` from this process until interrupted; no worker needed.
+
+    Raises:
+        ConfigError: `mmkd deploy` registered the same deployments for a worker. Serving
+            would take them over, and its runs would fail where the worker's pull steps
+            were; both kinds cannot share names.
+    """
     from prefect import serve as prefect_serve
 
-    prefect_serve(*build_served_deployments(load_deployment_specs(path or default_deployments_file())))
+    deployments = build_served_deployments(load_deployment_specs(path or default_deployments_file()))
+    taken = _deployed_to_pools([d.name for d in deployments])
+    if taken:
+        raise ConfigError(
+            f"{', '.join(taken)} are deployed for a worker (by `mmkd deploy`). Run `mmkd worker` instead of "
+            f"`mmkd serve`, or delete them first: prefect deployment delete {taken[0]} (and so on)."
+        )
+    prefect_serve(*deployments)
