@@ -38,8 +38,8 @@ def retrain_flow(
     logger = flow_logger()
     logger.info("Retraining for dataset %s: %s new rows, fingerprint %s", dataset or "(config)",
                 "?" if new_rows is None else new_rows, (fingerprint or "?")[:12])
-    # Rows added while the pipeline runs raise events that the trigger drops (its window is
-    # open) or cancels (this run holds the concurrency slot), so this run trains on them.
+    # Events for rows added while the pipeline runs either fall in the trigger's open window
+    # or start a run that CANCEL_NEW cancels while this one runs, so this run trains on them.
     data = load_config(config_path).data
     watched = manifest or data.manifest
     for attempt in range(1, MAX_PASSES + 1):

@@ -107,7 +107,7 @@ def rollback(registry: Path) -> dict[str, Any]:
 
 
 def _student_p50_ms(run_dir: Path) -> float | None:
-    """The ONNX student's batch-1 p50 latency from the run's benchmark.json, if it was measured."""
+    """Return the ONNX student's batch-1 p50 latency from the run's benchmark.json, or None if not measured."""
     path = run_dir / "benchmark.json"
     if not path.exists():
         return None
