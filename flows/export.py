@@ -11,6 +11,7 @@ from mmkd.flows._common import flow_logger, load_run_inputs
 from mmkd.onnx_export import check_parity, export_onnx
 from mmkd.onnx_variants import build_variants
 from mmkd.runs import atomic_write_json
+from mmkd.serving import write_model_repository
 from mmkd.training import predict
 
 
@@ -54,4 +55,7 @@ def export_flow(run_dir: str) -> dict:
         test=test, calibration=dataset.subset("val"), max_accuracy_drop=config.export.max_accuracy_drop,
     )
     atomic_write_json(paths.run_dir / "variants" / "variants.json", report["variants"])
+
+    # The student as a Triton model repository; the pipeline adds its model card.
+    report["model_repository"] = str(write_model_repository(paths.student_onnx, paths.run_dir / "model_repository"))
     return report

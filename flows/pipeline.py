@@ -21,7 +21,8 @@ from mmkd.flows.teacher import teacher_flow
 from mmkd.flows.validate import use_kept_rows, validate_flow
 from mmkd.flows._common import flow_logger
 from mmkd.reports import metrics_rows, p50
-from mmkd.runs import atomic_write_json, new_run_dir
+from mmkd.runs import atomic_write_json, atomic_write_text, new_run_dir
+from mmkd.serving import model_card
 from mmkd.stage_cache import StageCache, dataset_fingerprint, stage_keys
 from mmkd.training import resolve_device
 
@@ -49,7 +50,7 @@ def _publish(metrics: dict, benchmark: list[dict], run_dir: Path, reused: dict[s
     # Found in this run's folder: a reused validation's report names the earlier run's copy.
     data_docs = min((run_dir / "validation").rglob("index.html"), key=lambda page: len(page.parts), default=None)
     links = [("Run folder", run_dir), ("Metrics", run_dir / "metrics.json"), ("Benchmark", run_dir / "benchmark.md"),
-             ("Validation report", report)]
+             ("Model card", run_dir / "model_repository" / "student" / "model_card.md"), ("Validation report", report)]
     if data_docs:
         links.append(("Data Docs", Path(data_docs)))
     reused_text = ", ".join(f"{stage} (from {Path(source).name})" for stage, source in reused.items()) or "none"
@@ -109,7 +110,8 @@ def pipeline_flow(
 
     # Keys come from the config as given, before validation may point it at a clean manifest.
     cache = StageCache(out / "stage-cache")
-    keys = stage_keys(config, dataset_fingerprint(config, out / "cache" / "data-fingerprints"))
+    data_fingerprint = dataset_fingerprint(config, out / "cache" / "data-fingerprints")
+    keys = stage_keys(config, data_fingerprint)
     reused: dict[str, str] = {}
 
     def stage(name: str, stage_flow) -> dict | list:
@@ -145,7 +147,7 @@ def pipeline_flow(
     metrics = {
         "run": {"name": config.name, "seed": config.seed, "config_fingerprint": config.fingerprint(),
                 "mmkd_version": __version__, "device": str(resolve_device(config.device)),
-                "stage_keys": keys, "reused": reused},
+                "data_fingerprint": data_fingerprint, "stage_keys": keys, "reused": reused},
         "teacher": {**evaluation["teacher"], "val": teacher["val"], "fingerprint": teacher["fingerprint"]},
         "student": evaluation["student"],
         "baseline": evaluation["baseline"],
@@ -159,6 +161,8 @@ def pipeline_flow(
         "validation": validation,
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_text(run_dir / "model_repository" / "student" / "model_card.md",
+                      model_card(metrics, benchmark, run_name=run_dir.name))
     _link_latest(out, run_dir)
 
     # Last, the gate: the registry's student is replaced only by one that is not worse.

@@ -124,6 +124,13 @@ def test_export_flow_writes_checked_onnx_models_that_match_pytorch(run_dir):
         reference, _ = model(*(torch.from_numpy(v) for v in short.values()))
     assert np.abs(session.run(None, short)[0] - reference.numpy()).max() <= 1e-4
 
+    # Triton's config names each tensor with the ONNX Runtime session's shape, less the batch.
+    config = (run_dir / "model_repository" / "student" / "config.pbtxt").read_text()
+    for tensor in [*session.get_inputs(), *session.get_outputs()]:
+        dims = ", ".join(str(d) if isinstance(d, int) else "-1" for d in tensor.shape[1:])
+        assert f'name: "{tensor.name}"' in config
+        assert f'    name: "{tensor.name}"\n    data_type: {"TYPE_BOOL" if tensor.type == "tensor(bool)" else "TYPE_FP32"}\n    dims: [ {dims} ]' in config
+
     # The variants, each scored independently here on the same test rows.
     variants = json.loads((run_dir / "variants" / "variants.json").read_text())
     assert set(variants) == {"fp32", "fp16", "int8_dynamic", "int8_static"}

@@ -29,8 +29,16 @@ def test_pipeline_runs_every_stage_as_a_subflow_and_writes_the_run_folder(tmp_pa
     assert metrics["onnx"]["test"]["accuracy"] == metrics["student"]["test"]["accuracy"]
     assert metrics["onnx"]["parity_max_abs_diff"] <= 1e-4
 
+    # The student ships as a Triton model repository with its model card.
+    repository = run_dir / "model_repository" / "student"
+    assert (repository / "1" / "model.onnx").read_bytes() == (run_dir / "student.onnx").read_bytes()
+    assert 'platform: "onnxruntime_onnx"' in (repository / "config.pbtxt").read_text()
+    card = (repository / "model_card.md").read_text()
+    assert f"| student | ONNX Runtime | {metrics['student']['params']:,} | {metrics['onnx']['test']['accuracy']:.4f} |" in card
+    assert metrics["run"]["data_fingerprint"] in card
+
     benchmark = json.loads((run_dir / "benchmark.json").read_text())
-    assert {(r["model"], r["engine"], r["batch_size"]) for r in benchmark} == {
+    assert {(r["model"], r["engine"], r["batch_size"]) for r in benchmark if r["model"] in ("teacher", "student")} == {
         (m, e, b) for m in ("teacher", "student") for e in ("onnxruntime", "pytorch-eager") for b in (1, 4)
     }
 

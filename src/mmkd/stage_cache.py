@@ -40,7 +40,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "distill": ("student_distilled.pt",),
     "finetune": ("student.pt",),
     "evaluate": ("baseline.pt",),
-    "export": ("student.onnx", "teacher.onnx", "variants"),
+    "export": ("student.onnx", "teacher.onnx", "variants", "model_repository"),
     "benchmark": ("benchmark.json", "benchmark.md"),
 }
 
