@@ -163,6 +163,9 @@ def test_export_flow_writes_checked_onnx_models_that_match_pytorch(run_dir):
 def test_benchmark_flow_reports_both_engines_and_the_provider_actually_used(run_dir):
     rows = benchmark_flow.fn(str(run_dir))
     assert json.loads((run_dir / "benchmark.json").read_text()) == rows
+    svg = (run_dir / "latency.svg").read_text()
+    for model in {r["model"] for r in rows}:
+        assert f'data-series="{model} / onnxruntime"' in svg
     variants = json.loads((run_dir / "variants" / "variants.json").read_text())
     accepted = [kind for kind, variant in variants.items() if kind != "fp32" and variant["accepted"]]
     assert len(rows) == 2 * 2 * 2 + len(accepted) * 2  # models x engines x batch sizes, then variants x batch sizes

@@ -48,15 +48,27 @@ def create_session(path: Path, providers: list[str], *, threads: int) -> tuple[o
     return session, record
 
 
-def time_calls(call: Callable[[], object], *, warmup: int, iterations: int) -> np.ndarray:
-    """Return the wall-clock latency in milliseconds of `iterations` calls after `warmup` calls."""
+MIN_TIMED_CALLS = 5
+
+
+def time_calls(call: Callable[[], object], *, warmup: int, iterations: int, max_seconds: float | None = None) -> np.ndarray:
+    """Return the wall-clock latency in milliseconds of up to `iterations` calls after `warmup` calls.
+
+    With `max_seconds`, timing stops once the timed calls have taken that long and at least
+    five were made, so a slow model at a large batch does not stall the benchmark; the
+    row's `iterations` says how many were timed.
+    """
     for _ in range(warmup):
         call()
     latencies = np.empty(iterations)
+    spent = 0.0
     for i in range(iterations):
         started = time.perf_counter()
         call()
         latencies[i] = (time.perf_counter() - started) * 1000.0
+        spent += latencies[i] / 1000.0
+        if max_seconds is not None and spent >= max_seconds and i + 1 >= MIN_TIMED_CALLS:
+            return latencies[: i + 1]
     return latencies
 
 
@@ -88,6 +100,7 @@ def benchmark_onnx(
     threads: int,
     warmup: int,
     iterations: int,
+    max_seconds: float | None = None,
 ) -> list[dict]:
     """Time one ONNX model in ONNX Runtime at each batch size; one row per batch size."""
     session, provider_record = create_session(onnx_path, providers, threads=threads)
@@ -96,7 +109,7 @@ def benchmark_onnx(
     for batch_size in batch_sizes:
         batch = _repeat_rows(inputs, batch_size)
         feed = {n: x.numpy() for n, x in zip(input_names, batch, strict=True)}
-        onnx_ms = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations)
+        onnx_ms = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations, max_seconds=max_seconds)
         rows.append({
             "model": name, "engine": "onnxruntime", "provider": provider_record["used"],
             "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
@@ -119,6 +132,7 @@ def benchmark_model(
     threads: int,
     warmup: int,
     iterations: int,
+    max_seconds: float | None = None,
 ) -> list[dict]:
     """Time one model in ONNX Runtime and in PyTorch eager at each batch size.
 
@@ -126,7 +140,7 @@ def benchmark_model(
     them as needed. PyTorch runs on CUDA when ONNX Runtime's session does.
     """
     onnx_rows = benchmark_onnx(name, onnx_path, inputs, batch_sizes=batch_sizes, providers=providers,
-                               threads=threads, warmup=warmup, iterations=iterations)
+                               threads=threads, warmup=warmup, iterations=iterations, max_seconds=max_seconds)
     device = torch.device("cuda") if onnx_rows[0]["provider"] == "CUDAExecutionProvider" else torch.device("cpu")
     model = model.eval().to(device)
     input_names = [*getattr(model, "modalities", []), "mask"]
@@ -144,7 +158,7 @@ def benchmark_model(
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
-            torch_ms = time_calls(torch_call, warmup=warmup, iterations=iterations)
+            torch_ms = time_calls(torch_call, warmup=warmup, iterations=iterations, max_seconds=max_seconds)
             rows += [onnx_row, {
                 "model": name, "engine": "pytorch-eager", "provider": str(device),
                 "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),

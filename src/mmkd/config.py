@@ -329,9 +329,12 @@ class ValidationConfig(_Strict):
 class BenchmarkConfig(_Strict):
     """ONNX Runtime against PyTorch eager latency measurement."""
 
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1, description="Batch sizes to time.")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 128], min_length=1, description="Batch sizes to time.")
     warmup: int = Field(10, ge=0, le=10000, description="Untimed runs before measuring.")
     iterations: int = Field(100, ge=5, le=100000, description="Timed runs per model, engine and batch size.")
+    max_seconds: float = Field(
+        5.0, gt=0, description="Time spent timing one model, engine and batch size, after which it stops (at least 5 runs).",
+    )
     threads: int = Field(1, ge=1, le=256, description="Intra-op threads for both engines, so they compete fairly.")
     providers: list[str] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],

@@ -58,3 +58,56 @@ def summary_table(metrics: dict, benchmark: list[dict]) -> str:
         latency_text = f"{latency:.3f}" if latency is not None else "-"
         lines.append(f"{row['model']:<10}{row['engine']:<16}{row['parameters']:>12,}{row['test_accuracy']:>15.4f}{latency_text:>17}")
     return "\n".join(lines)
+
+
+# Plot area of the latency chart, in SVG user units.
+PLOT_WIDTH, PLOT_HEIGHT, MARGIN_LEFT, MARGIN_TOP = 520, 320, 70, 30
+SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def latency_plot_svg(rows: list[dict]) -> str:
+    """Return an SVG line chart of p50 latency against batch size, one line per model and engine.
+
+    Both axes are logarithmic, so equal steps mean equal ratios. Written by hand to keep
+    plotting free of dependencies; each line is a <polyline> whose `data-series` names it.
+    """
+    import math
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        series.setdefault(f"{row['model']} / {row['engine']}", []).append((row["batch_size"], row["p50_ms"]))
+    batches = sorted({b for points in series.values() for b, _ in points})
+    latencies = [ms for points in series.values() for _, ms in points]
+    x_low, x_high = math.log2(batches[0]), math.log2(batches[-1])
+    y_low, y_high = math.floor(math.log10(min(latencies))), math.ceil(math.log10(max(latencies)))
+    y_high = max(y_high, y_low + 1)
+
+    def x_of(batch: int) -> float:
+        span = (x_high - x_low) or 1.0
+        return MARGIN_LEFT + PLOT_WIDTH * (math.log2(batch) - x_low) / span
+
+    def y_of(ms: float) -> float:
+        return MARGIN_TOP + PLOT_HEIGHT * (1 - (math.log10(ms) - y_low) / (y_high - y_low))
+
+    width, height = MARGIN_LEFT + PLOT_WIDTH + 230, MARGIN_TOP + PLOT_HEIGHT + 60
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+             f'<rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" width="{PLOT_WIDTH}" height="{PLOT_HEIGHT}" fill="none" stroke="#888"/>']
+    for batch in batches:
+        parts.append(f'<text x="{x_of(batch):.1f}" y="{MARGIN_TOP + PLOT_HEIGHT + 18}" text-anchor="middle">{batch}</text>')
+    for power in range(y_low, y_high + 1):
+        y = y_of(10.0**power)
+        parts.append(f'<line x1="{MARGIN_LEFT}" x2="{MARGIN_LEFT + PLOT_WIDTH}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{MARGIN_LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{10.0**power:g}</text>')
+    parts.append(f'<text x="{MARGIN_LEFT + PLOT_WIDTH / 2}" y="{height - 12}" text-anchor="middle">batch size</text>')
+    parts.append(f'<text x="16" y="{MARGIN_TOP + PLOT_HEIGHT / 2}" transform="rotate(-90 16 {MARGIN_TOP + PLOT_HEIGHT / 2})" '
+                 'text-anchor="middle">p50 latency, ms</text>')
+    for index, (name, points) in enumerate(sorted(series.items())):
+        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
+        coordinates = " ".join(f"{x_of(b):.1f},{y_of(ms):.1f}" for b, ms in sorted(points))
+        parts.append(f'<polyline data-series="{name}" points="{coordinates}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        legend_y = MARGIN_TOP + 14 + 18 * index
+        parts.append(f'<line x1="{MARGIN_LEFT + PLOT_WIDTH + 16}" x2="{MARGIN_LEFT + PLOT_WIDTH + 36}" '
+                     f'y1="{legend_y - 4}" y2="{legend_y - 4}" stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<text x="{MARGIN_LEFT + PLOT_WIDTH + 42}" y="{legend_y}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

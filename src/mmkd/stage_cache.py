@@ -41,7 +41,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "finetune": ("student.pt",),
     "evaluate": ("baseline.pt",),
     "export": ("student.onnx", "teacher.onnx", "variants", "model_repository"),
-    "benchmark": ("benchmark.json", "benchmark.md"),
+    "benchmark": ("benchmark.json", "benchmark.md", "latency.svg"),
 }
 
 
