@@ -79,6 +79,20 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--file", type=Path, default=None,
                        help="The prefect.yaml to serve; by default ./deployments/prefect.yaml, else the one installed with mmkd.")
 
+    predict = commands.add_parser(
+        "predict", help="Label raw files with an exported student (needs neither torch nor Prefect).",
+        description="MODEL is a run folder, a Triton model folder or an .onnx file exported by mmkd.",
+    )
+    predict.add_argument("model", type=Path, help="Run folder, model folder or .onnx file.")
+    source = predict.add_mutually_exclusive_group()
+    source.add_argument("--manifest", type=Path, help="Manifest of the rows to label (id and file columns; label optional).")
+    source.add_argument("--image", type=Path, help="One image file.")
+    predict.add_argument("--audio", type=Path, help="One recording (WAV), alone or with --image.")
+    predict.add_argument("--text", default=None, help="One text; for models with a text input.")
+    predict.add_argument("--root", type=Path, default=None, help="Folder the manifest's paths are relative to.")
+    predict.add_argument("--out", type=Path, default=None, help="Write here instead of printing; .csv gives CSV.")
+    predict.add_argument("--format", choices=["json", "csv"], default=None, help="Output format (default: from --out, else json).")
+
     rollback = commands.add_parser("rollback", help="Make the previously promoted student current again.")
     rollback.add_argument("registry", type=Path, help="The model registry folder, e.g. runs/registry.")
 
@@ -162,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "plugins":
         return _plugins(args)
+    if args.command == "predict":
+        return _predict(args)
     if args.command == "rollback":
         from mmkd.promotion import rollback
 
@@ -171,6 +187,32 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("server", "deploy", "worker", "serve"):
         return _orchestrate(args)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mmkd.predict import Student, format_predictions, manifest_rows
+
+    student = Student.load(args.model)
+    if args.text is not None:
+        raise ConfigError(f"--text was given, but this model takes {', '.join(student.modalities)}; it has no text input.")
+    if args.manifest is None and args.image is None and args.audio is None:
+        raise ConfigError("mmkd predict needs --manifest, or --image and/or --audio.")
+    if args.manifest is not None:
+        if args.audio is not None:
+            raise ConfigError("--audio names one file; with --manifest, put the recordings in its audio column.")
+        rows, ids = manifest_rows(args.manifest, student.modalities, root=args.root)
+    else:
+        rows, ids = [{"image": args.image, "audio": args.audio}], [str(args.image or args.audio)]
+    kind = args.format or ("csv" if args.out is not None and args.out.suffix.lower() == ".csv" else "json")
+    text = format_predictions(student.predict(rows, ids), student.labels, kind)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        from mmkd.runs import atomic_write_text
+
+        atomic_write_text(args.out, text)
+        print(f"{len(ids)} predictions written to {args.out}", file=sys.stderr)
+    return 0
 
 
 def _orchestrate(args: argparse.Namespace) -> int:
@@ -236,7 +278,8 @@ def _plugins(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the `mmkd` command; return its exit status (0 ok, 1 run or data failed, 2 usage or config error)."""
     args = _build_parser().parse_args(argv)
-    _configure_logging()
+    if args.command != "predict":  # prediction runs where Prefect is not installed
+        _configure_logging()
     try:
         return _run(args)
     except ConfigError as exc:
