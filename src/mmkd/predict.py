@@ -20,7 +20,7 @@ from mmkd.config import AudioConfig, ImageConfig
 from mmkd.data.decode import decode_audio, decode_image
 from mmkd.errors import ConfigError, DataError
 
-# Where a model folder may hold the student, most specific first.
+# Paths of the student inside a model folder, most specific first.
 MODEL_CANDIDATES = ("model_repository/student/1/model.onnx", "student/1/model.onnx", "1/model.onnx", "student.onnx", "model.onnx")
 BATCH_SIZE = 64
 
@@ -87,7 +87,7 @@ class Student:
         """Return one prediction per row: id, label and each label's probability.
 
         Each row maps a modality to its file, or to None where the row lacks it; the
-        model's mask input tells it which are absent.
+        model's mask input marks which are absent.
 
         Raises:
             DataError: a file does not decode; the message names the row and the file.

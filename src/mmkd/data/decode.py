@@ -1,7 +1,7 @@
 """Decoding one image or recording into the arrays a model takes, without torch.
 
 The training data loader and `mmkd predict` both decode through these functions, so a
-deployed model sees exactly the preprocessing it was trained with.
+deployed model gets exactly the preprocessing it was trained with.
 """
 
 from __future__ import annotations
