@@ -53,6 +53,7 @@ def export_flow(run_dir: str) -> dict:
     report["variants"] = build_variants(
         paths.student_onnx, paths.run_dir / "variants", list(config.export.variants),
         test=test, calibration=dataset.subset("val"), max_accuracy_drop=config.export.max_accuracy_drop,
+        fp16_max_abs_diff=config.export.fp16_max_abs_diff,
     )
     atomic_write_json(paths.run_dir / "variants" / "variants.json", report["variants"])
 

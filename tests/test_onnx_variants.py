@@ -42,3 +42,37 @@ def test_judge_reason_states_the_figures():
 
 def test_judge_reason_for_a_better_variant():
     assert judge(0.90, 0.95, 0.005)[1] == "accuracy 0.9500, 5.00 points above fp32 0.9000 (allowed loss 0.50)"
+
+
+def test_fp16_beyond_its_tolerance_is_rejected_naming_the_row(tmp_path, small_avdigits):
+    import torch
+
+    from conftest import TINY_CONFIG
+    from mmkd import __version__
+    from mmkd.checkpoints import build_model
+    from mmkd.config import config_from_dict
+    from mmkd.data.loading import load_dataset
+    from mmkd.onnx_export import export_onnx
+    from mmkd.onnx_variants import build_variants
+
+    config = config_from_dict({**TINY_CONFIG, "data": {"manifest": str(small_avdigits)}}, base_dir=tmp_path)
+    dataset = load_dataset(config.data)
+    test = dataset.subset("test")
+    torch.manual_seed(0)
+    source = export_onnx(build_model(config, "student", dataset.classes).eval(), test, tmp_path / "student.onnx",
+                         opset=18, metadata={"mmkd_version": __version__, "labels": dataset.classes})
+
+    # A tolerance no fp16 model meets: the variant is judged on its logits, not only its accuracy.
+    report = build_variants(source, tmp_path / "variants", ["fp16"], test=test, calibration=dataset.subset("val"),
+                            max_accuracy_drop=1.0, fp16_max_abs_diff=1e-9)
+    fp16 = report["fp16"]
+    assert fp16["accepted"] is False
+    assert fp16["path"] is None
+    assert not (tmp_path / "variants" / "student.fp16.onnx").exists()
+    assert fp16["worst_row_id"] in test.ids
+    assert fp16["reason"].startswith(f"a logit of row {fp16['worst_row_id']!r} differs from fp32 by ")
+
+    kept = build_variants(source, tmp_path / "kept", ["fp16"], test=test, calibration=dataset.subset("val"),
+                          max_accuracy_drop=1.0, fp16_max_abs_diff=1.0)
+    assert kept["fp16"]["accepted"] is True
+    assert (tmp_path / "kept" / "student.fp16.onnx").exists()

@@ -228,6 +228,9 @@ class ExportConfig(_Strict):
         default_factory=lambda: ["fp16", "int8_dynamic", "int8_static"],
         description="Smaller variants of the student to make with ONNX Runtime's tools; int8_static calibrates on the validation split.",
     )
+    fp16_max_abs_diff: float = Field(
+        0.1, gt=0, description="Largest tolerated |fp16 logit - fp32 logit| over the test split; the fp16 variant is deleted above it.",
+    )
     max_accuracy_drop: float = Field(
         0.005, ge=0, le=1,
         description="Test accuracy a variant may lose against the float32 student (0.005 is half a point); a variant losing more is deleted.",

@@ -111,14 +111,18 @@ def judge(fp32_accuracy: float, accuracy: float, max_drop: float) -> tuple[bool,
 
 def build_variants(
     source: Path, folder: Path, kinds: list[str], *, test: TensorDataset, calibration: TensorDataset,
-    max_accuracy_drop: float,
+    max_accuracy_drop: float, fp16_max_abs_diff: float,
 ) -> dict[str, dict[str, Any]]:
     """Make, score and judge each variant of `source`; delete the rejected ones.
 
+    Every variant must keep its accuracy within `max_accuracy_drop` of the float32 model's.
+    The fp16 variant must also keep every logit within `fp16_max_abs_diff` of the float32
+    model's; int8 logits move by design, so only their accuracy is judged.
+
     Returns:
         Per variant: path (None when rejected), size in bytes, test accuracy, the largest
-        |logit - fp32 logit| over the test split, accepted and reason. Under "fp32" the
-        same figures for the source model.
+        |logit - fp32 logit| over the test split and the row where it occurs, accepted and
+        reason. Under "fp32" the same figures for the source model.
     """
     import onnxruntime as ort
 
@@ -138,8 +142,14 @@ def build_variants(
         path = make_variant(kind, source, folder / f"{source.stem}.{kind}.onnx", calibration)
         accuracy, logits = score(path)
         accepted, reason = judge(fp32_accuracy, accuracy, max_accuracy_drop)
+        per_row = np.abs(logits - fp32_logits).max(axis=1)
+        worst = int(per_row.argmax())
+        if accepted and kind == "fp16" and per_row[worst] > fp16_max_abs_diff:
+            accepted = False
+            reason = (f"a logit of row {test.ids[worst]!r} differs from fp32 by {per_row[worst]:.4g}, "
+                      f"more than export.fp16_max_abs_diff {fp16_max_abs_diff:g}")
         report[kind] = {"path": str(path) if accepted else None, "bytes": path.stat().st_size, "accuracy": accuracy,
-                        "max_abs_diff_vs_fp32": float(np.abs(logits - fp32_logits).max()),
+                        "max_abs_diff_vs_fp32": float(per_row[worst]), "worst_row_id": test.ids[worst],
                         "accepted": accepted, "reason": reason}
         if not accepted:
             path.unlink()
