@@ -5,13 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from prefect import flow
 
 from mmkd.benchmarking import benchmark_model, benchmark_onnx
 from mmkd.checkpoints import load_checkpoint
+from mmkd.data.loading import TensorDataset
 from mmkd.flows._common import flow_logger, load_run_inputs
 from mmkd.reports import benchmark_markdown, latency_plot_svg
 from mmkd.runs import atomic_write_json, atomic_write_text
+
+
+def _with_audio_length(data: TensorDataset, samples: int | None) -> tuple[torch.Tensor, ...]:
+    """The rows' model inputs with each recording cut or zero-padded to `samples` (None keeps them)."""
+    if samples is None or "audio" not in data.modalities:
+        return data.model_inputs()
+    audio = data.inputs["audio"]
+    resized = audio[:, :samples] if audio.shape[1] >= samples else torch.nn.functional.pad(audio, (0, samples - audio.shape[1]))
+    return tuple(resized if m == "audio" else data.inputs[m] for m in data.modalities) + (data.mask,)
 
 
 @flow(name="benchmark", description="Latency percentiles and throughput per engine, provider and batch size.")
@@ -22,29 +33,23 @@ def benchmark_flow(run_dir: str) -> list[dict]:
     test = dataset.subset("test")
     settings = config.benchmark
 
-    rows: list[dict] = []
-    for role, checkpoint, onnx_path in (
-        ("student", paths.student, paths.student_onnx),
-        ("teacher", paths.teacher, paths.teacher_onnx),
-    ):
-        model, _ = load_checkpoint(checkpoint, config)
-        rows += benchmark_model(
-            role, model, onnx_path, test.model_inputs(),
-            batch_sizes=settings.batch_sizes, providers=settings.providers, threads=settings.threads,
-            warmup=settings.warmup, iterations=settings.iterations, max_seconds=settings.max_seconds,
-        )
-
-    # The student's smaller ONNX variants, on the same rows and settings.
+    # The student's smaller ONNX variants are timed beside the float32 models.
     variants_report = paths.run_dir / "variants" / "variants.json"
     variants = json.loads(variants_report.read_text(encoding="utf-8")) if variants_report.exists() else {}
-    for kind, variant in variants.items():
-        if kind == "fp32" or not variant["accepted"]:
-            continue
-        rows += benchmark_onnx(
-            f"student-{kind}", variants_report.parent / Path(variant["path"]).name, test.model_inputs(),
-            batch_sizes=settings.batch_sizes, providers=settings.providers, threads=settings.threads,
-            warmup=settings.warmup, iterations=settings.iterations, max_seconds=settings.max_seconds,
-        )
+    accepted = [(kind, variants_report.parent / Path(v["path"]).name) for kind, v in variants.items()
+                if kind != "fp32" and v["accepted"]]
+    models = {role: load_checkpoint(checkpoint, config)[0]
+              for role, checkpoint in (("student", paths.student), ("teacher", paths.teacher))}
+    timing = {"batch_sizes": settings.batch_sizes, "providers": settings.providers, "threads": settings.threads,
+              "warmup": settings.warmup, "iterations": settings.iterations, "max_seconds": settings.max_seconds}
+
+    rows: list[dict] = []
+    for audio_samples in [None, *(round(s * config.data.audio.sample_rate_hz) for s in settings.audio_seconds)]:
+        inputs = _with_audio_length(test, audio_samples)
+        for role, onnx_path in (("student", paths.student_onnx), ("teacher", paths.teacher_onnx)):
+            rows += benchmark_model(role, models[role], onnx_path, inputs, **timing)
+        for kind, path in accepted:
+            rows += benchmark_onnx(f"student-{kind}", path, inputs, **timing)
 
     atomic_write_json(paths.benchmark, rows)
     atomic_write_text(paths.run_dir / "benchmark.md", benchmark_markdown(rows))

@@ -73,7 +73,7 @@ TINY_CONFIG = {
     },
     "distill": {"train": {"epochs": 2, "batch_size": 32, "patience": 2}},
     "finetune": {"train": {"epochs": 1, "batch_size": 32, "patience": 1}},
-    "benchmark": {"warmup": 1, "iterations": 5, "batch_sizes": [1, 4]},
+    "benchmark": {"warmup": 1, "iterations": 5, "batch_sizes": [1, 4], "audio_seconds": [0.5]},
     # 12 rows per digit leave some digits without a validation or test row.
     "validation": {"min_rows_per_class_per_split": 0},
 }

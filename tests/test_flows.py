@@ -199,11 +199,14 @@ def test_benchmark_flow_reports_both_engines_and_the_provider_actually_used(run_
     rows = benchmark_flow.fn(str(run_dir))
     assert json.loads((run_dir / "benchmark.json").read_text()) == rows
     svg = (run_dir / "latency.svg").read_text()
-    for model in {r["model"] for r in rows}:
-        assert f'data-series="{model} / onnxruntime"' in svg
+    for row in rows:
+        assert f'data-series="{row["model"]} / {row["engine"]} / {row["audio_samples"]} samples"' in svg
     variants = json.loads((run_dir / "variants" / "variants.json").read_text())
     accepted = [kind for kind, variant in variants.items() if kind != "fp32" and variant["accepted"]]
-    assert len(rows) == 2 * 2 * 2 + len(accepted) * 2  # models x engines x batch sizes, then variants x batch sizes
+    # (models x engines + variants) x batch sizes, at the trained audio length and at 0.5 s.
+    assert len(rows) == (2 * 2 + len(accepted)) * 2 * 2
+    trained = load_config(run_dir / "config.yaml").data.audio.num_samples
+    assert sorted({r["audio_samples"] for r in rows}) == sorted({trained, 4000})
     assert {r["model"] for r in rows if r["model"].startswith("student-")} == {f"student-{kind}" for kind in accepted}
     for row in rows:
         assert BENCHMARK_KEYS <= set(row)

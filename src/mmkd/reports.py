@@ -6,13 +6,14 @@ from __future__ import annotations
 def benchmark_markdown(rows: list[dict]) -> str:
     """Return benchmark rows as a markdown table, with a note for providers that did not load."""
     lines = [
-        "| model | engine | provider | batch | p50 ms | p90 ms | p99 ms | examples/s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | engine | provider | batch | audio samples | p50 ms | p90 ms | p99 ms | examples/s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = set()
     for row in rows:
         lines.append(
-            f"| {row['model']} | {row['engine']} | {row['provider']} | {row['batch_size']} | {row['p50_ms']:.3f} | "
+            f"| {row['model']} | {row['engine']} | {row['provider']} | {row['batch_size']} | "
+            f"{row.get('audio_samples') or '-'} | {row['p50_ms']:.3f} | "
             f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['throughput_per_s']:.0f} |"
         )
         for provider, reason in (row.get("providers_not_loaded") or {}).items():
@@ -73,9 +74,13 @@ def latency_plot_svg(rows: list[dict]) -> str:
     """
     import math
 
+    lengths = {row.get("audio_samples") for row in rows}
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
-        series.setdefault(f"{row['model']} / {row['engine']}", []).append((row["batch_size"], row["p50_ms"]))
+        name = f"{row['model']} / {row['engine']}"
+        if len(lengths) > 1:
+            name += f" / {row.get('audio_samples')} samples"
+        series.setdefault(name, []).append((row["batch_size"], row["p50_ms"]))
     batches = sorted({b for points in series.values() for b, _ in points})
     latencies = [ms for points in series.values() for _, ms in points]
     x_low, x_high = math.log2(batches[0]), math.log2(batches[-1])
