@@ -27,7 +27,7 @@ from mmkd.onnx_export import run_onnx
 
 from conftest import write_config
 
-BENCHMARK_KEYS = {"model", "engine", "provider", "batch_size", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s"}
+BENCHMARK_KEYS = {"model", "engine", "provider", "batch_size", "audio_samples", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s", "peak_mib"}
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +211,7 @@ def test_benchmark_flow_reports_both_engines_and_the_provider_actually_used(run_
     for row in rows:
         assert BENCHMARK_KEYS <= set(row)
         assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["peak_mib"] >= 0
     onnx_rows = [r for r in rows if r["engine"] == "onnxruntime"]
     used = {r["provider"] for r in onnx_rows}
     if not torch.cuda.is_available():

@@ -42,3 +42,19 @@ def test_timing_stops_at_the_time_budget_after_five_calls():
     assert (timed >= 20.0).all()
     # A budget smaller than one call still times five.
     assert len(time_calls(lambda: time.sleep(0.02), warmup=0, iterations=100, max_seconds=0.001)) == 5
+
+
+def test_resident_peak_sees_a_temporary_allocation():
+    import numpy as np
+
+    from mmkd.benchmarking import ResidentPeak
+
+    with ResidentPeak() as peak:
+        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched, then freed
+        del block
+    assert peak.mib is not None
+    assert 60 <= peak.mib <= 80
+
+    with ResidentPeak() as quiet:
+        pass
+    assert quiet.mib < 5

@@ -51,6 +51,42 @@ def create_session(path: Path, providers: list[str], *, threads: int) -> tuple[o
 MIN_TIMED_CALLS = 5
 
 
+def _resident_kib() -> tuple[int, int] | None:
+    """Return (peak, current) resident memory of this process in KiB, or None off Linux."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmHWM"].split()[0]), int(fields["VmRSS"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class ResidentPeak:
+    """Measures how far resident memory rises above its starting level inside a `with` block.
+
+    Linux resets a process's peak resident size (VmHWM) when "5" is written to
+    /proc/self/clear_refs, so the peak read at the end belongs to the block alone.
+    `mib` stays None where that is not available.
+    """
+
+    def __init__(self) -> None:
+        self.mib: float | None = None
+        self._start_kib: int | None = None
+
+    def __enter__(self) -> ResidentPeak:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return self
+        resident = _resident_kib()
+        self._start_kib = resident[1] if resident else None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        resident = _resident_kib()
+        if self._start_kib is not None and resident is not None:
+            self.mib = max(0, resident[0] - self._start_kib) / 1024
+
+
 def time_calls(call: Callable[[], object], *, warmup: int, iterations: int, max_seconds: float | None = None) -> np.ndarray:
     """Return the wall-clock latency in milliseconds of up to `iterations` calls after `warmup` calls.
 
@@ -109,11 +145,12 @@ def benchmark_onnx(
     for batch_size in batch_sizes:
         batch = _repeat_rows(inputs, batch_size)
         feed = {n: x.numpy() for n, x in zip(input_names, batch, strict=True)}
-        onnx_ms = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations, max_seconds=max_seconds)
+        with ResidentPeak() as peak:
+            onnx_ms = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations, max_seconds=max_seconds)
         rows.append({
             "model": name, "engine": "onnxruntime", "provider": provider_record["used"],
             "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
-            **summarise(onnx_ms, batch_size),
+            **summarise(onnx_ms, batch_size), "peak_mib": peak.mib,
             "requested_providers": provider_record["requested"],
             "providers_not_loaded": provider_record["not_loaded"],
         })
@@ -158,11 +195,12 @@ def benchmark_model(
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
-            torch_ms = time_calls(torch_call, warmup=warmup, iterations=iterations, max_seconds=max_seconds)
+            with ResidentPeak() as peak:
+                torch_ms = time_calls(torch_call, warmup=warmup, iterations=iterations, max_seconds=max_seconds)
             rows += [onnx_row, {
                 "model": name, "engine": "pytorch-eager", "provider": str(device),
                 "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
-                **summarise(torch_ms, batch_size),
+                **summarise(torch_ms, batch_size), "peak_mib": peak.mib,
             }]
             logger.info("%s batch %d: pytorch eager p50 %.3f ms", name, batch_size, rows[-1]["p50_ms"])
     finally:

@@ -6,15 +6,16 @@ from __future__ import annotations
 def benchmark_markdown(rows: list[dict]) -> str:
     """Return benchmark rows as a markdown table, with a note for providers that did not load."""
     lines = [
-        "| model | engine | provider | batch | audio samples | p50 ms | p90 ms | p99 ms | examples/s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | engine | provider | batch | audio samples | p50 ms | p90 ms | p99 ms | examples/s | peak MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = set()
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['engine']} | {row['provider']} | {row['batch_size']} | "
             f"{row.get('audio_samples') or '-'} | {row['p50_ms']:.3f} | "
-            f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['throughput_per_s']:.0f} |"
+            f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['throughput_per_s']:.0f} | "
+            f"{'-' if row.get('peak_mib') is None else format(row['peak_mib'], '.1f')} |"
         )
         for provider, reason in (row.get("providers_not_loaded") or {}).items():
             if provider in row.get("requested_providers", []):
