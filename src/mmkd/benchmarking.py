@@ -92,7 +92,7 @@ def time_calls(call: Callable[[], object], *, warmup: int, iterations: int, max_
 
     With `max_seconds`, timing stops once the timed calls have taken that long and at least
     five were made, so a slow model at a large batch does not stall the benchmark; the
-    row's `iterations` says how many were timed.
+    row's `iterations` field gives how many were timed.
     """
     for _ in range(warmup):
         call()
@@ -121,7 +121,7 @@ def summarise(latencies_ms: np.ndarray, batch_size: int) -> dict:
 
 
 def _repeat_rows(inputs: tuple[torch.Tensor, ...], batch_size: int) -> tuple[torch.Tensor, ...]:
-    """A batch of `batch_size` rows made of the real rows in `inputs`, repeated as needed."""
+    """Return a batch of `batch_size` rows made of the real rows in `inputs`, repeated as needed."""
     index = torch.arange(batch_size) % len(inputs[0])
     return tuple(x[index].contiguous() for x in inputs)
 
