@@ -47,7 +47,7 @@ def benchmark_flow(run_dir: str) -> list[dict]:
     for audio_samples in [None, *(round(s * config.data.audio.sample_rate_hz) for s in settings.audio_seconds)]:
         inputs = _with_audio_length(test, audio_samples)
         for role, onnx_path in (("student", paths.student_onnx), ("teacher", paths.teacher_onnx)):
-            rows += benchmark_model(role, models[role], onnx_path, inputs, **timing)
+            rows += benchmark_model(role, models[role], onnx_path, inputs, torch_compile=settings.torch_compile, **timing)
         for kind, path in accepted:
             rows += benchmark_onnx(f"student-{kind}", path, inputs, **timing)
 

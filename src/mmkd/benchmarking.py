@@ -170,16 +170,23 @@ def benchmark_model(
     warmup: int,
     iterations: int,
     max_seconds: float | None = None,
+    torch_compile: bool = False,
 ) -> list[dict]:
-    """Time one model in ONNX Runtime and in PyTorch eager at each batch size.
+    """Time one model in ONNX Runtime and in PyTorch eager (and compiled) at each batch size.
 
     `inputs` are real rows in the model's positional order; a batch of size b repeats
-    them as needed. PyTorch runs on CUDA when ONNX Runtime's session does.
+    them as needed. PyTorch runs on CUDA when ONNX Runtime's session does. With
+    `torch_compile`, rows of engine "pytorch-compile" time `torch.compile(model)` after
+    its compilation, which happens in the warm-up; if compiling fails, the warning is
+    logged and those rows are left out.
     """
     onnx_rows = benchmark_onnx(name, onnx_path, inputs, batch_sizes=batch_sizes, providers=providers,
                                threads=threads, warmup=warmup, iterations=iterations, max_seconds=max_seconds)
     device = torch.device("cuda") if onnx_rows[0]["provider"] == "CUDAExecutionProvider" else torch.device("cpu")
     model = model.eval().to(device)
+    engines = {"pytorch-eager": model}
+    if torch_compile:
+        engines["pytorch-compile"] = torch.compile(model)
     input_names = [*getattr(model, "modalities", []), "mask"]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -189,20 +196,31 @@ def benchmark_model(
             batch = _repeat_rows(inputs, batch_size)
             torch_batch = tuple(x.to(device) for x in batch)
 
-            def torch_call() -> None:
-                with torch.inference_mode():
-                    model(*torch_batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+            rows.append(onnx_row)
+            for engine, runnable in list(engines.items()):
 
-            with ResidentPeak() as peak:
-                torch_ms = time_calls(torch_call, warmup=warmup, iterations=iterations, max_seconds=max_seconds)
-            rows += [onnx_row, {
-                "model": name, "engine": "pytorch-eager", "provider": str(device),
-                "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
-                **summarise(torch_ms, batch_size), "peak_mib": peak.mib,
-            }]
-            logger.info("%s batch %d: pytorch eager p50 %.3f ms", name, batch_size, rows[-1]["p50_ms"])
+                def torch_call(runnable=runnable) -> None:
+                    with torch.inference_mode():
+                        runnable(*torch_batch)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+
+                try:
+                    with ResidentPeak() as peak:
+                        torch_ms = time_calls(torch_call, warmup=max(warmup, 1), iterations=iterations,
+                                              max_seconds=max_seconds)
+                except Exception as exc:  # noqa: BLE001 - compilers fail in many ways; eager rows still count
+                    if engine == "pytorch-eager":
+                        raise
+                    logger.warning("%s: torch.compile failed at batch %d, so it is not timed: %s", name, batch_size, exc)
+                    del engines[engine]
+                    continue
+                rows.append({
+                    "model": name, "engine": engine, "provider": str(device),
+                    "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
+                    **summarise(torch_ms, batch_size), "peak_mib": peak.mib,
+                })
+                logger.info("%s batch %d: %s p50 %.3f ms", name, batch_size, engine, rows[-1]["p50_ms"])
     finally:
         torch.set_num_threads(previous_threads)
     return rows

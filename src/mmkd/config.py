@@ -32,6 +32,9 @@ class AudioConfig(_Strict):
     """Audio decoding and the log-mel front end's parameters."""
 
     sample_rate_hz: int = Field(8000, ge=1000, le=96000, description="Expected sample rate of every recording.")
+    torch_compile: bool = Field(
+        False, description="Also time torch.compile(model); compiling takes tens of seconds per batch size on a CPU.",
+    )
     audio_seconds: list[float] = Field(
         default_factory=list,
         description="Further recording lengths in seconds to time, each cut or zero-padded; the trained length is always timed.",
@@ -339,6 +342,9 @@ class BenchmarkConfig(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 128], min_length=1, description="Batch sizes to time.")
     warmup: int = Field(10, ge=0, le=10000, description="Untimed runs before measuring.")
     iterations: int = Field(100, ge=5, le=100000, description="Timed runs per model, engine and batch size.")
+    torch_compile: bool = Field(
+        False, description="Also time torch.compile(model); compiling takes tens of seconds per batch size on a CPU.",
+    )
     audio_seconds: list[float] = Field(
         default_factory=list,
         description="Further recording lengths in seconds to time, each cut or zero-padded; the trained length is always timed.",
