@@ -72,7 +72,7 @@ class RunPaths:
 
 
 def _is_transient_io_error(task, task_run, state) -> bool:
-    """Return whether a failed state holds an OS error, which a retry may clear.
+    """Return whether a failed state carries an OS error, which a retry may clear.
 
     A DataError names a broken row, which stays broken however often it is read.
     """

@@ -17,7 +17,7 @@ from mmkd.runs import atomic_write_json, atomic_write_text
 
 
 def _with_audio_length(data: TensorDataset, samples: int | None) -> tuple[torch.Tensor, ...]:
-    """The rows' model inputs with each recording cut or zero-padded to `samples` (None keeps them)."""
+    """Return the rows' model inputs with each recording cut or zero-padded to `samples` (None keeps them)."""
     if samples is None or "audio" not in data.modalities:
         return data.model_inputs()
     audio = data.inputs["audio"]

@@ -67,7 +67,7 @@ def test_plugin_howto_shows_the_fixture_word_for_word():
         assert (fixture / name).read_text(encoding="utf-8") in page, name
 
 
-def test_deploy_howto_lists_each_stage_input_as_the_code_does():
+def test_deploy_howto_stage_inputs_match_code():
     from mmkd.stage_cache import STAGE_INPUTS
 
     text = (DOCS / "howto-deploy.md").read_text(encoding="utf-8")

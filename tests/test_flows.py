@@ -169,7 +169,7 @@ WITHOUT_TORCH_OR_PREFECT = (
 )
 
 
-def test_predict_needs_neither_torch_nor_prefect_and_matches_the_export(run_dir, tmp_path):
+def test_predict_without_torch_matches_export(run_dir, tmp_path):
     import subprocess
     import sys
 

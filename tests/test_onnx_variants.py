@@ -44,7 +44,7 @@ def test_judge_reason_for_a_better_variant():
     assert judge(0.90, 0.95, 0.005)[1] == "accuracy 0.9500, 5.00 points above fp32 0.9000 (allowed loss 0.50)"
 
 
-def test_fp16_beyond_its_tolerance_is_rejected_naming_the_row(tmp_path, small_avdigits):
+def test_fp16_over_tolerance_is_rejected(tmp_path, small_avdigits):
     import torch
 
     from conftest import TINY_CONFIG

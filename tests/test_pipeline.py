@@ -126,7 +126,7 @@ def artifacts_of_runs(client, flow_run_ids) -> list:
     return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=list(flow_run_ids))))
 
 
-def test_rerun_on_unchanged_data_reuses_every_stage_and_publishes_artifacts(tmp_path, small_avdigits, prefect_server):
+def test_pipeline_rerun_reuses_stages_and_publishes(tmp_path, small_avdigits, prefect_server):
     out = tmp_path / "runs"
     config = write_config(tmp_path / "configs", small_avdigits)
     first = pipeline_flow(str(config), str(out))
@@ -155,14 +155,15 @@ def test_rerun_on_unchanged_data_reuses_every_stage_and_publishes_artifacts(tmp_
         published = artifacts_of_runs(client, [first_run.id])
         progress = artifacts_of_runs(client, stage_runs)
 
-    # The metrics table holds the same figures as metrics.json.
+    # The metrics table has the same figures as metrics.json.
     table = json.loads(next(a for a in published if a.key == "metrics").data)
     rows = {(row["model"], row["engine"]): row for row in table}
     assert rows[("teacher", "PyTorch eager")]["test_accuracy"] == round(first["teacher"]["test"]["accuracy"], 4)
     assert rows[("student", "ONNX Runtime")]["test_accuracy"] == round(first["onnx"]["test"]["accuracy"], 4)
     assert rows[("student", "PyTorch eager")]["parameters"] == first["student"]["params"]
     summary = next(a for a in published if a.key == "run-summary").data
-    assert first["run_dir"] in summary and "Data Docs" in summary
+    assert first["run_dir"] in summary
+    assert "Data Docs" in summary
 
     # One progress bar per training stage, full at the end.
     bars = {a.description.split(":")[0]: a.data for a in progress if a.type == "progress"}

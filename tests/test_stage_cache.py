@@ -21,7 +21,7 @@ def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return [stage for stage in ORDER if before[stage] != after[stage]]
 
 
-def test_keys_change_from_the_stage_that_reads_the_change_onwards(tmp_path):
+def test_stage_keys_change_downstream_only(tmp_path):
     base = keys_for(tmp_path)
     assert keys_for(tmp_path) == base
     assert len(set(base.values())) == len(ORDER)
@@ -63,7 +63,7 @@ def test_restore_copies_recorded_files_and_refuses_changed_ones(tmp_path):
     assert list(third.iterdir()) == []
 
 
-def test_a_missing_source_file_is_a_miss(tmp_path):
+def test_restore_misses_on_deleted_source_file(tmp_path):
     cache = StageCache(tmp_path / "stage-cache")
     first = tmp_path / "run-1"
     first.mkdir()

@@ -91,7 +91,7 @@ def time_calls(call: Callable[[], object], *, warmup: int, iterations: int, max_
     """Return the wall-clock latency in milliseconds of up to `iterations` calls after `warmup` calls.
 
     With `max_seconds`, timing stops once the timed calls have taken that long and at least
-    five were made, so a slow model at a large batch does not stall the benchmark; the
+    five were made, so a slow model at a large batch does not stall the benchmark. The
     row's `iterations` field gives how many were timed.
     """
     for _ in range(warmup):

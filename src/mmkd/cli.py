@@ -61,7 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     deploy = commands.add_parser(
         "deploy", help="Create the process work pool and register deployments/prefect.yaml with the server.",
-        description="Run it from the folder that holds the config and data the deployments name; "
+        description="Run it from the folder that contains the config and data the deployments name; "
                     "the worker runs flows there. Needs PREFECT_API_URL.",
     )
     deploy.add_argument("--file", type=Path, default=None,
