@@ -138,8 +138,9 @@ def test_export_flow_writes_checked_onnx_models_that_match_pytorch(run_dir):
     assert variants["fp32"]["accuracy"] == pytest.approx(expected_accuracy)
     for kind in ("fp16", "int8_dynamic", "int8_static"):
         variant = variants[kind]
+        within_margin = expected_accuracy - variant["accuracy"] <= 0.005 + 1e-12
         within_parity = kind != "fp16" or variant["max_abs_diff_vs_fp32"] <= 0.1
-        assert variant["accepted"] is (expected_accuracy - variant["accuracy"] <= 0.005 + 1e-12 and within_parity)
+        assert variant["accepted"] is (within_margin and within_parity)
         if not variant["accepted"]:
             assert not (run_dir / "variants" / f"student.{kind}.onnx").exists()
             continue
