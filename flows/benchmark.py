@@ -41,7 +41,8 @@ def benchmark_flow(run_dir: str) -> list[dict]:
     models = {role: load_checkpoint(checkpoint, config)[0]
               for role, checkpoint in (("student", paths.student), ("teacher", paths.teacher))}
     timing = {"batch_sizes": settings.batch_sizes, "providers": settings.providers, "threads": settings.threads,
-              "warmup": settings.warmup, "iterations": settings.iterations, "max_seconds": settings.max_seconds}
+              "warmup": settings.warmup, "iterations": settings.iterations, "max_seconds": settings.max_seconds,
+              "io_binding": settings.io_binding}
 
     rows: list[dict] = []
     for audio_samples in [None, *(round(s * config.data.audio.sample_rate_hz) for s in settings.audio_seconds)]:

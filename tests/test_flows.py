@@ -217,8 +217,11 @@ def test_benchmark_flow_reports_both_engines_and_the_provider_actually_used(run_
     used = {r["provider"] for r in onnx_rows}
     if not torch.cuda.is_available():
         assert used == {"CPUExecutionProvider"}
-        assert all("CUDAExecutionProvider" in r["providers_not_loaded"] for r in onnx_rows)
-    assert "CUDAExecutionProvider was requested but" in (run_dir / "benchmark.md").read_text() or torch.cuda.is_available()
+        for gpu_provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+            assert all(gpu_provider in r["providers_not_loaded"] for r in onnx_rows)
+            assert f"{gpu_provider} was requested but" in (run_dir / "benchmark.md").read_text()
+        # IO binding is on by default only where a GPU provider runs.
+        assert not any(r["io_binding"] for r in onnx_rows)
 
 
 def test_a_flow_stops_on_a_missing_file_naming_the_row(tmp_path, small_avdigits, prefect_server):

@@ -50,6 +50,32 @@ def create_session(path: Path, providers: list[str], *, threads: int) -> tuple[o
 
 MIN_TIMED_CALLS = 5
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def onnx_call(session: ort.InferenceSession, feed: dict[str, np.ndarray], *, io_binding: bool) -> Callable[[], object]:
+    """Return a function that runs `session` once on `feed` and returns its outputs.
+
+    With `io_binding`, the inputs are copied to the provider's device once, here, and the
+    outputs stay there, so a timed call measures the model and not the copies between
+    host and device; PyTorch's timed calls likewise start from tensors already on the device.
+    """
+    if not io_binding:
+        return lambda: session.run(None, feed)
+    device = "cuda" if session.get_providers()[0] in GPU_PROVIDERS else "cpu"
+    binding = session.io_binding()
+    for name, array in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device)
+
+    def call() -> list[ort.OrtValue]:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return binding.get_outputs()
+
+    return call
+
 
 def _resident_kib() -> tuple[int, int] | None:
     """Return (peak, current) resident memory of this process in KiB, or None off Linux."""
@@ -137,20 +163,26 @@ def benchmark_onnx(
     warmup: int,
     iterations: int,
     max_seconds: float | None = None,
+    io_binding: str = "auto",
 ) -> list[dict]:
-    """Time one ONNX model in ONNX Runtime at each batch size; one row per batch size."""
+    """Time one ONNX model in ONNX Runtime at each batch size; one row per batch size.
+
+    `io_binding` is "on", "off" or "auto" (on when the session runs on a GPU provider).
+    """
     session, provider_record = create_session(onnx_path, providers, threads=threads)
+    bound = io_binding == "on" or (io_binding == "auto" and provider_record["used"] in GPU_PROVIDERS)
     input_names = [i.name for i in session.get_inputs()]
     rows: list[dict] = []
     for batch_size in batch_sizes:
         batch = _repeat_rows(inputs, batch_size)
         feed = {n: x.numpy() for n, x in zip(input_names, batch, strict=True)}
         with ResidentPeak() as peak:
-            onnx_ms = time_calls(lambda: session.run(None, feed), warmup=warmup, iterations=iterations, max_seconds=max_seconds)
+            onnx_ms = time_calls(onnx_call(session, feed, io_binding=bound), warmup=warmup, iterations=iterations,
+                                 max_seconds=max_seconds)
         rows.append({
             "model": name, "engine": "onnxruntime", "provider": provider_record["used"],
             "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
-            **summarise(onnx_ms, batch_size), "peak_mib": peak.mib,
+            **summarise(onnx_ms, batch_size), "peak_mib": peak.mib, "io_binding": bound,
             "requested_providers": provider_record["requested"],
             "providers_not_loaded": provider_record["not_loaded"],
         })
@@ -171,6 +203,7 @@ def benchmark_model(
     iterations: int,
     max_seconds: float | None = None,
     torch_compile: bool = False,
+    io_binding: str = "auto",
 ) -> list[dict]:
     """Time one model in ONNX Runtime and in PyTorch eager (and compiled) at each batch size.
 
@@ -181,8 +214,9 @@ def benchmark_model(
     logged and those rows are left out.
     """
     onnx_rows = benchmark_onnx(name, onnx_path, inputs, batch_sizes=batch_sizes, providers=providers,
-                               threads=threads, warmup=warmup, iterations=iterations, max_seconds=max_seconds)
-    device = torch.device("cuda") if onnx_rows[0]["provider"] == "CUDAExecutionProvider" else torch.device("cpu")
+                               threads=threads, warmup=warmup, iterations=iterations, max_seconds=max_seconds,
+                               io_binding=io_binding)
+    device = torch.device("cuda") if onnx_rows[0]["provider"] in GPU_PROVIDERS else torch.device("cpu")
     model = model.eval().to(device)
     engines = {"pytorch-eager": model}
     if torch_compile:

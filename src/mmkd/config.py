@@ -354,9 +354,13 @@ class BenchmarkConfig(_Strict):
     )
     threads: int = Field(1, ge=1, le=256, description="Intra-op threads for both engines, so they compete fairly.")
     providers: list[str] = Field(
-        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
         min_length=1,
-        description="ONNX Runtime providers to try, in order.",
+        description="ONNX Runtime providers to try, in order; the CPU provider is always the last resort.",
+    )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Bind inputs and outputs on the provider's device before timing; auto does so on GPU providers.",
     )
 
 

@@ -11,8 +11,9 @@ def benchmark_markdown(rows: list[dict]) -> str:
     ]
     notes = set()
     for row in rows:
+        provider = f"{row['provider']} (IO binding)" if row.get("io_binding") else row["provider"]
         lines.append(
-            f"| {row['model']} | {row['engine']} | {row['provider']} | {row['batch_size']} | "
+            f"| {row['model']} | {row['engine']} | {provider} | {row['batch_size']} | "
             f"{row.get('audio_samples') or '-'} | {row['p50_ms']:.3f} | "
             f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['throughput_per_s']:.0f} | "
             f"{'-' if row.get('peak_mib') is None else format(row['peak_mib'], '.1f')} |"
