@@ -46,11 +46,14 @@ def benchmark_flow(run_dir: str) -> list[dict]:
 
     rows: list[dict] = []
     for audio_samples in [None, *(round(s * config.data.audio.sample_rate_hz) for s in settings.audio_seconds)]:
-        inputs = _with_audio_length(test, audio_samples)
+        # Each model reads its own modalities; the student may read fewer than the teacher.
+        inputs = {role: _with_audio_length(test.with_modalities(model.modalities), audio_samples)
+                  for role, model in models.items()}
         for role, onnx_path in (("student", paths.student_onnx), ("teacher", paths.teacher_onnx)):
-            rows += benchmark_model(role, models[role], onnx_path, inputs, torch_compile=settings.torch_compile, **timing)
+            rows += benchmark_model(role, models[role], onnx_path, inputs[role], torch_compile=settings.torch_compile,
+                                    **timing)
         for kind, path in accepted:
-            rows += benchmark_onnx(f"student-{kind}", path, inputs, **timing)
+            rows += benchmark_onnx(f"student-{kind}", path, inputs["student"], **timing)
 
     atomic_write_json(paths.benchmark, rows)
     atomic_write_text(paths.run_dir / "benchmark.md", benchmark_markdown(rows))

@@ -33,7 +33,7 @@ def export_flow(run_dir: str) -> dict:
             model, test, onnx_path, opset=config.export.opset,
             metadata={
                 "mmkd_version": __version__, "role": role, "labels": dataset.classes,
-                "preprocessing": dataset.preprocessing, "inputs": [*dataset.modalities, "mask"],
+                "preprocessing": dataset.preprocessing, "inputs": [*model.modalities, "mask"],
                 "config_fingerprint": config.fingerprint(), "model_fingerprint": metadata["fingerprint"],
             },
         )

@@ -19,7 +19,7 @@ def build_model(config: RunConfig, role: str, classes: list[str]) -> MultimodalC
     model_config: ModelConfig = config.teacher if role == "teacher" else config.student
     return MultimodalClassifier(
         model_config,
-        modalities=list(config.data.modalities),
+        modalities=list(config.data.modalities) if role == "teacher" else config.student_modalities,
         num_classes=len(classes),
         image=config.data.image,
         audio=config.data.audio,

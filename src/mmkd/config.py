@@ -181,6 +181,12 @@ class StudentConfig(ModelConfig):
         description="Encoder of the audio modality (after the log-mel front end).",
     )
     embed_dim: int = Field(32, ge=2, le=4096, description="Width of each modality embedding.")
+    modalities: list[Literal["image", "audio"]] | None = Field(
+        None,
+        min_length=1,
+        description="Modalities the student and the baseline read, a subset of data.modalities; "
+        "None reads all. The teacher always reads all of them.",
+    )
 
 
 class AlignmentTerm(LossTerm):
@@ -392,13 +398,20 @@ class RunConfig(_Strict):
         checks = [("teacher.fusion", "fusion", self.teacher.fusion), ("student.fusion", "fusion", self.student.fusion)]
         checks += [(f"distill.losses[{i}]", "losses", term) for i, term in enumerate(self.distill.losses)]
         checks += [(f"distill.alignment[{i}]", "alignment", term) for i, term in enumerate(self.distill.alignment)]
+        chosen = self.student.modalities or []
+        if not set(chosen) <= set(self.data.modalities) or len(set(chosen)) < len(chosen):
+            raise ValueError(
+                f"student.modalities: {chosen} must name each modality once, all of them in data.modalities "
+                f"{self.data.modalities}"
+            )
+        student_modalities = self.student_modalities
         for i, term in enumerate(self.distill.alignment):
             if term.modalities is None:
                 continue
-            if term.modalities[0] == term.modalities[1] or not set(term.modalities) <= set(self.data.modalities):
+            if term.modalities[0] == term.modalities[1] or not set(term.modalities) <= set(student_modalities):
                 raise ValueError(
                     f"distill.alignment[{i}].modalities: {term.modalities} must name two different modalities "
-                    f"of data.modalities {self.data.modalities}"
+                    f"the student reads: {student_modalities}"
                 )
         for key, kind, choice in checks:
             try:
@@ -410,6 +423,12 @@ class RunConfig(_Strict):
             except ValidationError as exc:
                 raise ValueError(f"{key}.params: {_describe_errors(exc, plugin.Params)}") from None
         return self
+
+    @property
+    def student_modalities(self) -> list[str]:
+        """The modalities the student and the baseline read, in data.modalities order."""
+        chosen = self.student.modalities or self.data.modalities
+        return [m for m in self.data.modalities if m in chosen]
 
     def fingerprint(self) -> str:
         """Return a short hash of the resolved config, stored with checkpoints and models."""

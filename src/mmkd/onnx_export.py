@@ -41,7 +41,7 @@ def export_onnx(model: MultimodalClassifier, example: TensorDataset, path: Path,
         else:
             shapes.append({0: batch})
     shapes.append({0: batch})
-    args = tuple(x[:2] for x in example.model_inputs())
+    args = tuple(x[:2] for x in example.with_modalities(model.modalities).model_inputs())
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > _TWO_GIB * 0.9
     program = torch.onnx.export(
         model,
@@ -69,9 +69,12 @@ def export_onnx(model: MultimodalClassifier, example: TensorDataset, path: Path,
 
 
 def run_onnx(session, data: TensorDataset, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Return the ONNX model's (logits, embeddings) for every row of `data`."""
+    """Return the ONNX model's (logits, embeddings) for every row of `data`.
+
+    The model is fed the modalities its inputs are named after, then the mask.
+    """
     names = [i.name for i in session.get_inputs()]
-    inputs = data.model_inputs()
+    inputs = data.with_modalities(names[:-1]).model_inputs()
     logits, embeddings = [], []
     for start in range(0, len(data), batch_size):
         feed = {name: x[start : start + batch_size].numpy() for name, x in zip(names, inputs, strict=True)}

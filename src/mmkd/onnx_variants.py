@@ -45,7 +45,7 @@ class _BatchReader(CalibrationDataReader):
     """Feed calibration rows to ONNX Runtime's static quantizer, 32 rows at a time."""
 
     def __init__(self, names: list[str], data: TensorDataset, batch_size: int = 32):
-        inputs = data.model_inputs()
+        inputs = data.with_modalities(names[:-1]).model_inputs()
         self._batches = iter([
             {name: x[start : start + batch_size].numpy() for name, x in zip(names, inputs, strict=True)}
             for start in range(0, len(data), batch_size)

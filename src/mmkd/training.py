@@ -46,7 +46,11 @@ def iterate_batches(
 
 @torch.no_grad()
 def predict(model: nn.Module, data: TensorDataset, *, batch_size: int = 256, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the model's (logits, embeddings) for every row of `data`, on the CPU."""
+    """Return the model's (logits, embeddings) for every row of `data`, on the CPU.
+
+    The model reads only its own modalities of `data`.
+    """
+    data = data.with_modalities(model.modalities)
     device = device or torch.device("cpu")
     model.eval()
     logits, embeddings = [], []
@@ -129,6 +133,12 @@ def fit(
         extra_modules: Modules trained alongside, e.g. a loss term's projection.
         on_epoch: Called with each epoch's record, e.g. to publish progress.
     """
+    # A student may read fewer modalities than the rows hold.
+    train, val = train.with_modalities(model.modalities), val.with_modalities(model.modalities)
+    blank = int((~train.mask.any(dim=1)).sum())
+    if blank:
+        logger.warning("%s: %d of %d training rows have none of the modalities %s; they teach only the head's bias",
+                       stage, blank, len(train), ", ".join(model.modalities))
     extra_modules = extra_modules or []
     parameters = [p for m in [model, *extra_modules] for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,18 @@ class TensorDataset:
             modalities=self.modalities,
             preprocessing=self.preprocessing,
         )
+
+    def with_modalities(self, modalities: list[str]) -> TensorDataset:
+        """Return the same rows with only `modalities`' inputs and mask columns, in that order.
+
+        Row keys stay those of the full rows, so outputs a teacher computed on every
+        modality are found for a student that reads fewer.
+        """
+        if list(modalities) == self.modalities:
+            return self
+        columns = [self.modalities.index(m) for m in modalities]
+        return replace(self, inputs={m: self.inputs[m] for m in modalities}, mask=self.mask[:, columns],
+                       modalities=list(modalities))
 
     def model_inputs(self) -> tuple[torch.Tensor, ...]:
         """Return the tensors in the model's positional order: modalities, then mask."""
