@@ -14,6 +14,7 @@ from prefect.exceptions import MissingContextError
 
 from mmkd.config import RunConfig, load_config
 from mmkd.data.loading import TensorDataset, decode_to_cache, load_decoded
+from mmkd.features import FeatureStore
 
 # A worker's flow run process sets up logging before it imports mmkd, leaving mmkd's logger
 # at the root's WARNING level. INFO keeps the per-epoch lines in the run's logs.
@@ -98,6 +99,11 @@ def load_run_inputs(run_dir: str) -> tuple[RunPaths, RunConfig, TensorDataset]:
     config = load_config(paths.config)
     dataset = load_decoded(Path(decode_dataset(str(paths.config), str(paths.tensor_cache))))
     return paths, config, dataset
+
+
+def open_store(paths: RunPaths, config: RunConfig, teacher_fingerprint: str) -> FeatureStore:
+    """Open the feature store of a run's teacher at the configured storage dtype."""
+    return FeatureStore(paths.feature_store(config), teacher_fingerprint, dtype=config.extract.dtype)
 
 
 def seed_everything(seed: int) -> None:

@@ -10,7 +10,7 @@ from mmkd.config import RunConfig
 from mmkd.data.loading import TensorDataset
 from mmkd.distillation import DistillationObjective
 from mmkd.features import FeatureStore
-from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_inputs, seed_everything
+from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_inputs, open_store, seed_everything
 from mmkd.training import fit, resolve_device
 
 STUDENT_SEED_OFFSET = 1000  # the student and the baseline start from the same weights
@@ -52,7 +52,7 @@ def distill_flow(run_dir: str) -> dict:
 
     # Teacher outputs come from the feature store; the teacher itself is not run again.
     _, teacher_metadata = load_checkpoint(paths.teacher, config)
-    store = FeatureStore(paths.feature_store(config), teacher_metadata["fingerprint"])
+    store = open_store(paths, config, teacher_metadata["fingerprint"])
     metadata = distill_student(config, dataset, store, paths)
 
     logger.info(

@@ -49,7 +49,7 @@ def test_teacher_reads_both_and_student_audio_only(audio_only_run):
 
 
 def test_student_and_baseline_are_the_same_size(audio_only_run):
-    folder, config, _ = audio_only_run
+    folder, _, _ = audio_only_run
     metrics = evaluate_flow.fn(str(folder))
     assert metrics["student"]["params"] == metrics["baseline"]["params"]
     assert metrics["student"]["params"] < metrics["teacher"]["params"]

@@ -224,6 +224,18 @@ class DistillConfig(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=25, patience=8), description="Distillation schedule.")
 
 
+class ExtractConfig(_Strict):
+    """How the teacher's outputs are computed and kept in the feature store."""
+
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Storage type of the outputs; float16 halves the disk space and rounds each value.",
+    )
+    shard_rows: int = Field(
+        4096, ge=1, le=10**7, description="Rows per shard file; an interrupted extraction loses at most one shard's work.",
+    )
+    batch_size: int = Field(256, ge=1, le=65536, description="Rows per teacher forward pass.")
+
+
 class FinetuneConfig(_Strict):
     """Supervised finetuning of the distilled student on labels."""
 
@@ -381,6 +393,7 @@ class RunConfig(_Strict):
     student: StudentConfig = Field(
         default_factory=StudentConfig, description="The student's architecture; the baseline uses the same."
     )
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Teacher output extraction into the feature store.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="The distillation objective and schedule.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Finetuning on labels after distillation.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export settings.")

@@ -51,13 +51,22 @@ class MultimodalClassifier(nn.Module):
         self.modality_features: list[torch.Tensor] = []
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, embedding, _ = self.forward_with_modalities(*args)
+        return logits, embedding
+
+    def forward_with_modalities(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (logits, fused embedding, modality embeddings of shape (batch, modalities, embed_dim)).
+
+        A row that lacks a modality still gets that encoder's embedding of its blank input;
+        the mask keeps it out of the fused embedding.
+        """
         *inputs, mask = args
         features = [self.encoders[m](x) for m, x in zip(self.modalities, inputs, strict=True)]
         if self.training:
             # Kept for loss terms that align one modality's embedding with another's.
             self.modality_features = features
         embedding = self.fusion(features, mask)
-        return self.head(embedding), embedding
+        return self.head(embedding), embedding, torch.stack(features, dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:
