@@ -143,8 +143,14 @@ def fit(
     parameters = [p for m in [model, *extra_modules] for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, -(-len(train) // config.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.2
+    total_steps = config.epochs * steps_per_epoch
+    # The one-cycle schedule needs a step or more in each of its two phases; shorter runs keep a constant rate.
+    scheduler: torch.optim.lr_scheduler.LRScheduler = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=min(0.5, max(0.2, 2.5 / total_steps))
+        )
+        if total_steps >= 3
+        else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     )
     generator = torch.Generator().manual_seed(seed)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
