@@ -21,7 +21,8 @@ STUDENT_SEED_OFFSET = 1000  # the student and the baseline start from the same w
 def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureStore, paths: RunPaths) -> dict:
     """Train the student on the weighted sum of the configured loss terms."""
     train, val = dataset.subset("train"), dataset.subset("val")
-    teacher_logits, teacher_embeddings = store.get(train.keys)
+    stored = store.get_outputs(train.keys)
+    teacher_logits, teacher_embeddings = stored["logits"], stored["embeddings"]
     seed_everything(config.seed + STUDENT_SEED_OFFSET)
     device = resolve_device(config.device)
     student = build_model(config, "student", dataset.classes).to(device)
@@ -33,6 +34,8 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
         teacher_embeddings=teacher_embeddings,
         alignment=config.distill.alignment,
         student=student,
+        teacher_modality_embeddings=stored["modality_embeddings"],
+        teacher_modalities=list(config.data.modalities),
     ).to(device)
     progress = EpochProgress("distill", config.distill.train.epochs)
     result = fit(

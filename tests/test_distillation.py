@@ -79,7 +79,7 @@ def test_modality_alignment_one_shared_row_is_zero(tmp_path):
 
 
 def test_alignment_modalities_must_be_two_of_the_data(tmp_path):
-    with pytest.raises(ConfigError, match=r"must name two different modalities of data.modalities \['image', 'audio'\]"):
+    with pytest.raises(ConfigError, match=r"must name two different modalities the student reads: \['image', 'audio'\]"):
         tiny_config(tmp_path, alignment=[{"name": "clip", "modalities": ["image", "image"]}])
 
 
@@ -97,3 +97,45 @@ def test_alignment_with_the_teacher_compares_fused_embeddings(tmp_path):
     _, values = objective((logits, embedding), inputs)
     assert type(objective.terms[1]) is get_registry("alignment").get("cca")
     assert values["cca"] == pytest.approx(float(objective.terms[1](embedding, teacher_embeddings)), rel=1e-6)
+
+
+def test_feature_term_can_target_one_teacher_modality(tmp_path):
+    config = tiny_config(tmp_path, losses=[{"name": "mse", "teacher_features": "audio"}])
+    student = build_model(config, "student", CLASSES).train()
+    generator = torch.Generator().manual_seed(2)
+    per_modality = torch.randn(8, 2, 16, generator=generator)
+    fused = torch.randn(8, 32, generator=generator)
+    inputs = batch(8, torch.ones(8, 2, dtype=torch.bool))
+    outputs = student(*inputs[0])
+
+    torch.manual_seed(3)
+    objective = DistillationObjective(
+        config.distill.losses, student_dim=student.embedding_dim, teacher_dim=32,
+        teacher_logits=torch.randn(8, 10), teacher_embeddings=fused,
+        teacher_modality_embeddings=per_modality, teacher_modalities=["image", "audio"],
+    )
+    _, values = objective(outputs, inputs)
+
+    # The same term built against the audio embeddings as if they were the fused ones.
+    plain = tiny_config(tmp_path, losses=[{"name": "mse"}])
+    torch.manual_seed(3)
+    reference = DistillationObjective(
+        plain.distill.losses, student_dim=student.embedding_dim, teacher_dim=16,
+        teacher_logits=torch.randn(8, 10), teacher_embeddings=per_modality[:, 1],
+    )
+    _, expected = reference(outputs, inputs)
+    assert values["mse"] == pytest.approx(expected["mse"], rel=1e-6)
+
+
+def test_teacher_modality_outside_data_rejected(tmp_path):
+    raw = {**TINY_CONFIG, "data": {"manifest": "m.csv", "modalities": ["audio"]},
+           "distill": {"losses": [{"name": "mse", "teacher_features": "image"}]}}
+    with pytest.raises(ConfigError, match=r"teacher_features 'image' is not one of the teacher's modalities \['audio'\]"):
+        config_from_dict(raw, base_dir=tmp_path)
+
+
+def test_teacher_modality_needs_stored_modality_embeddings(tmp_path):
+    config = tiny_config(tmp_path, losses=[{"name": "mse", "teacher_features": "image"}])
+    with pytest.raises(ValueError, match="compares with the teacher's image embedding"):
+        DistillationObjective(config.distill.losses, student_dim=16, teacher_dim=32,
+                              teacher_logits=torch.randn(8, 10), teacher_embeddings=torch.randn(8, 32))

@@ -136,6 +136,11 @@ class LossTerm(PluginChoice):
     """One named term of the distillation objective."""
 
     weight: float = Field(1.0, ge=0, le=1000, description="Weight of this term in the sum.")
+    teacher_features: Literal["fused", "image", "audio"] = Field(
+        "fused",
+        description="The teacher embedding a feature term compares with: the fused one, or the teacher's "
+        "embedding of one modality (for a student that reads only that modality).",
+    )
 
 
 class TrainConfig(_Strict):
@@ -418,6 +423,12 @@ class RunConfig(_Strict):
                 f"{self.data.modalities}"
             )
         student_modalities = self.student_modalities
+        for key, term in [*(("losses", t) for t in self.distill.losses), *(("alignment", t) for t in self.distill.alignment)]:
+            if term.teacher_features != "fused" and term.teacher_features not in self.data.modalities:
+                raise ValueError(
+                    f"distill.{key}: teacher_features {term.teacher_features!r} is not one of the teacher's modalities "
+                    f"{self.data.modalities}; use fused or one of them"
+                )
         for i, term in enumerate(self.distill.alignment):
             if term.modalities is None:
                 continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -20,6 +22,10 @@ class DistillationObjective(nn.Module):
     alignment term gets the student embedding as source and the teacher's as target, or,
     with `modalities`, the student's embeddings of those two modalities on the rows that
     have both (read from `student.modality_features` after its forward pass).
+
+    A term with `teacher_features` set to a modality compares the student embedding with
+    the teacher's embedding of that modality, taken from `teacher_modality_embeddings`
+    (rows, modalities, width) in `teacher_modalities` order.
     """
 
     def __init__(
@@ -32,10 +38,24 @@ class DistillationObjective(nn.Module):
         teacher_embeddings: torch.Tensor,
         alignment: list[AlignmentTerm] | None = None,
         student: MultimodalClassifier | None = None,
+        teacher_modality_embeddings: torch.Tensor | None = None,
+        teacher_modalities: list[str] | None = None,
     ) -> None:
         super().__init__()
         losses, aligners = get_registry("losses"), get_registry("alignment")
         alignment = alignment or []
+        self.targets: list[int | None] = []
+        for t in [*terms, *alignment]:
+            if t.teacher_features == "fused":
+                self.targets.append(None)
+            elif teacher_modality_embeddings is None or t.teacher_features not in (teacher_modalities or []):
+                raise ValueError(
+                    f"loss term {t.name!r} compares with the teacher's {t.teacher_features} embedding, but the stored "
+                    f"teacher outputs have modality embeddings for {teacher_modalities or 'no modality'}"
+                )
+            else:
+                self.targets.append(teacher_modalities.index(t.teacher_features))  # type: ignore[union-attr]
+        modality_dim = teacher_dim if teacher_modality_embeddings is None else teacher_modality_embeddings.shape[2]
         if any(t.modalities for t in alignment) and student is None:
             raise ValueError("alignment terms between modalities need the student model; pass student=")
         # A tuple, so the student is not registered as a submodule of the objective.
@@ -51,13 +71,14 @@ class DistillationObjective(nn.Module):
         self.weights = [t.weight for t in [*terms, *alignment]]
         self.is_alignment = [False] * len(terms) + [True] * len(alignment)
         built = []
-        for t in terms:
+        widths = [teacher_dim if target is None else modality_dim for target in self.targets]
+        for t, width in zip(terms, widths[: len(terms)], strict=True):
             plugin = losses.get(t.name)
-            built.append(plugin(plugin.Params(**t.params), student_dim=student_dim, teacher_dim=teacher_dim))
-        for t in alignment:
+            built.append(plugin(plugin.Params(**t.params), student_dim=student_dim, teacher_dim=width))
+        for t, width in zip(alignment, widths[len(terms):], strict=True):
             plugin = aligners.get(t.name)
             if t.modalities is None:
-                built.append(plugin(plugin.Params(**t.params), source_dim=student_dim, target_dim=teacher_dim))
+                built.append(plugin(plugin.Params(**t.params), source_dim=student_dim, target_dim=width))
             else:
                 width = student.embed_dim  # type: ignore[union-attr]
                 built.append(plugin(plugin.Params(**t.params), source_dim=width, target_dim=width))
@@ -65,6 +86,7 @@ class DistillationObjective(nn.Module):
         self.pairs = [None] * len(terms) + self.modality_pairs
         self.register_buffer("teacher_logits", teacher_logits)
         self.register_buffer("teacher_embeddings", teacher_embeddings)
+        self.register_buffer("teacher_modality_embeddings", teacher_modality_embeddings)
 
     def forward(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         logits, embedding = outputs
@@ -76,11 +98,15 @@ class DistillationObjective(nn.Module):
             teacher_features=self.teacher_embeddings[rows],
             labels=batch[1],
         )
+        per_target = {None: inputs}
+        for target in set(self.targets) - {None}:
+            per_target[target] = replace(inputs, teacher_features=self.teacher_modality_embeddings[rows, target])
         total = logits.new_zeros(())
         values = {}
-        for name, weight, term, aligns, pair in zip(
-            self.names, self.weights, self.terms, self.is_alignment, self.pairs, strict=True
+        for name, weight, term, aligns, pair, target in zip(
+            self.names, self.weights, self.terms, self.is_alignment, self.pairs, self.targets, strict=True
         ):
+            inputs = per_target[target]
             if pair is not None:
                 value = self._between_modalities(term, pair, batch[0][-1])
             elif aligns:
