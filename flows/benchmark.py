@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ def _with_audio_length(data: TensorDataset, samples: int | None) -> tuple[torch.
         return data.model_inputs()
     audio = data.inputs["audio"]
     resized = audio[:, :samples] if audio.shape[1] >= samples else torch.nn.functional.pad(audio, (0, samples - audio.shape[1]))
-    return tuple(resized if m == "audio" else data.inputs[m] for m in data.modalities) + (data.mask,)
+    return replace(data, inputs={**data.inputs, "audio": resized}).model_inputs()
 
 
 @flow(name="benchmark", description="Latency percentiles and throughput per engine, provider and batch size.")

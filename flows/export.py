@@ -7,7 +7,9 @@ from prefect import flow
 from mmkd import __version__
 from mmkd.benchmarking import create_session
 from mmkd.checkpoints import load_checkpoint
+from mmkd.config import input_names
 from mmkd.flows._common import flow_logger, load_run_inputs
+from mmkd.models.text import load_tokenizer
 from mmkd.onnx_export import check_parity, export_onnx
 from mmkd.onnx_variants import build_variants
 from mmkd.runs import atomic_write_json
@@ -29,14 +31,16 @@ def export_flow(run_dir: str) -> dict:
     ):
         # Export with the labels, preprocessing and provenance stored in the model.
         model, metadata = load_checkpoint(checkpoint, config)
-        export_onnx(
-            model, test, onnx_path, opset=config.export.opset,
-            metadata={
-                "mmkd_version": __version__, "role": role, "labels": dataset.classes,
-                "preprocessing": dataset.preprocessing, "inputs": [*model.modalities, "mask"],
-                "config_fingerprint": config.fingerprint(), "model_fingerprint": metadata["fingerprint"],
-            },
-        )
+        stored = {
+            "mmkd_version": __version__, "role": role, "labels": dataset.classes,
+            "preprocessing": {m: dataset.preprocessing[m] for m in model.modalities},
+            "inputs": [*input_names(model.modalities), "mask"], "modalities": model.modalities,
+            "config_fingerprint": config.fingerprint(), "model_fingerprint": metadata["fingerprint"],
+        }
+        if "text" in model.modalities:
+            # The whole tokenizer travels in the model, so prediction needs no other file.
+            stored["tokenizer"] = load_tokenizer(config.data.text.tokenizer, allow_downloads=False).backend_tokenizer.to_str()
+        export_onnx(model, test, onnx_path, opset=config.export.opset, metadata=stored)
 
         # Compare every test row's outputs with PyTorch's, on the CPU provider.
         session, _ = create_session(onnx_path, ["CPUExecutionProvider"], threads=2)

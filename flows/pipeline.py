@@ -20,6 +20,7 @@ from mmkd.flows.promote import promote_flow
 from mmkd.flows.teacher import teacher_flow
 from mmkd.flows.validate import use_kept_rows, validate_flow
 from mmkd.flows._common import flow_logger
+from mmkd.models.text import prefetch as prefetch_pretrained
 from mmkd.reports import metrics_rows, p50
 from mmkd.runs import atomic_write_json, atomic_write_text, new_run_dir
 from mmkd.serving import model_card
@@ -107,6 +108,8 @@ def pipeline_flow(
     run_dir = new_run_dir(out, f"{config.name}-seed{config.seed}")
     save_config(config, run_dir / "config.yaml")
     logger.info("Run folder %s", run_dir)
+    # With downloads allowed, pretrained text models are fetched once here; stages read the cache.
+    prefetch_pretrained(config)
 
     # Keys come from the config as given, before validation may point it at a clean manifest.
     cache = StageCache(out / "stage-cache")

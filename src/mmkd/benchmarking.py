@@ -16,6 +16,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from mmkd.config import input_names as config_input_names
+
 logger = logging.getLogger(__name__)
 
 
@@ -181,7 +183,7 @@ def benchmark_onnx(
                                  max_seconds=max_seconds)
         rows.append({
             "model": name, "engine": "onnxruntime", "provider": provider_record["used"],
-            "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
+            "batch_size": batch_size, **_lengths(batch, input_names),
             **summarise(onnx_ms, batch_size), "peak_mib": peak.mib, "io_binding": bound,
             "requested_providers": provider_record["requested"],
             "providers_not_loaded": provider_record["not_loaded"],
@@ -221,7 +223,7 @@ def benchmark_model(
     engines = {"pytorch-eager": model}
     if torch_compile:
         engines["pytorch-compile"] = torch.compile(model)
-    input_names = [*getattr(model, "modalities", []), "mask"]
+    input_names = [*config_input_names(getattr(model, "modalities", [])), "mask"]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows: list[dict] = []
@@ -251,7 +253,7 @@ def benchmark_model(
                     continue
                 rows.append({
                     "model": name, "engine": engine, "provider": str(device),
-                    "batch_size": batch_size, "audio_samples": _audio_samples(batch, input_names),
+                    "batch_size": batch_size, **_lengths(batch, input_names),
                     **summarise(torch_ms, batch_size), "peak_mib": peak.mib,
                 })
                 logger.info("%s batch %d: %s p50 %.3f ms", name, batch_size, engine, rows[-1]["p50_ms"])
@@ -260,8 +262,8 @@ def benchmark_model(
     return rows
 
 
-def _audio_samples(batch: tuple[torch.Tensor, ...], names: list[str]) -> int | None:
-    for name, x in zip(names, batch, strict=True):
-        if name == "audio":
-            return int(x.shape[1])
-    return None
+def _lengths(batch: tuple[torch.Tensor, ...], names: list[str]) -> dict[str, int | None]:
+    """Return the batch's recording length in samples and text length in tokens (None without that input)."""
+    shapes = {name: x.shape for name, x in zip(names, batch, strict=True)}
+    return {"audio_samples": int(shapes["audio"][1]) if "audio" in shapes else None,
+            "tokens": int(shapes["input_ids"][1]) if "input_ids" in shapes else None}

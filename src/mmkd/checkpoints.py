@@ -17,12 +17,25 @@ ROLES = ("teacher", "student", "baseline")
 def build_model(config: RunConfig, role: str, classes: list[str]) -> MultimodalClassifier:
     """Return an untrained model for `role`: "teacher", "student" or "baseline"."""
     model_config: ModelConfig = config.teacher if role == "teacher" else config.student
+    modalities = list(config.data.modalities) if role == "teacher" else config.student_modalities
+    return _classifier(model_config, modalities, len(classes), config)
+
+
+def _classifier(model_config: ModelConfig, modalities: list[str], num_classes: int, config: RunConfig) -> MultimodalClassifier:
+    vocab_size = None
+    if "text" in modalities:
+        from mmkd.models.text import load_tokenizer
+
+        vocab_size = len(load_tokenizer(config.data.text.tokenizer, allow_downloads=config.allow_downloads))
     return MultimodalClassifier(
         model_config,
-        modalities=list(config.data.modalities) if role == "teacher" else config.student_modalities,
-        num_classes=len(classes),
+        modalities=modalities,
+        num_classes=num_classes,
         image=config.data.image,
         audio=config.data.audio,
+        vocab_size=vocab_size,
+        allow_downloads=config.allow_downloads,
+        init_text_from=config.teacher.text_encoder.pretrained,
     )
 
 
@@ -52,13 +65,9 @@ def load_checkpoint(path: Path, config: RunConfig) -> tuple[MultimodalClassifier
     metadata = payload["metadata"]
     architecture = ModelConfig.model_validate(metadata["architecture"])
     model_config = TeacherConfig(**architecture.model_dump()) if metadata["role"] == "teacher" else StudentConfig(**architecture.model_dump())
-    model = MultimodalClassifier(
-        model_config,
-        modalities=metadata["modalities"],
-        num_classes=len(metadata["classes"]),
-        image=config.data.image,
-        audio=config.data.audio,
-    )
+    # The saved weights replace any copied from the teacher, so none are copied here.
+    model_config.text_encoder.init_from_layers = None
+    model = _classifier(model_config, metadata["modalities"], len(metadata["classes"]), config)
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, metadata

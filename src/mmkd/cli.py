@@ -55,6 +55,11 @@ def _build_parser() -> argparse.ArgumentParser:
     avdigits.add_argument("--per-digit", type=int, default=None, help="Keep N recordings per digit.")
     avdigits.add_argument("--download", action="store_true", help="Download FSDD when --fsdd-dir is not given.")
 
+    topics = data.add_parser("topics", help="Generate sentences on four topics: a text-classification set.")
+    topics.add_argument("--out", type=Path, required=True, help="Dataset folder to write.")
+    topics.add_argument("--rows-per-topic", type=int, default=300, help="Sentences per topic.")
+    topics.add_argument("--seed", type=int, default=0, help="Seed of the sentences.")
+
     server = commands.add_parser("server", help="Run a local Prefect server (UI and API) with its SQLite database.")
     server.add_argument("--host", default="127.0.0.1", help="Address to listen on; other machines reach it only if you change this.")
     server.add_argument("--port", type=int, default=4200, help="Port of the UI and API.")
@@ -166,6 +171,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nDemo finished in {time.perf_counter() - started:.0f} s; outputs in {args.out}")
         return 0
 
+    if args.command == "data" and args.dataset == "topics":
+        from mmkd.data.topics import build_topics
+
+        print(build_topics(args.out, rows_per_topic=args.rows_per_topic, seed=args.seed))
+        return 0
+
     if args.command == "data":
         from mmkd.data.avdigits import build_avdigits
 
@@ -193,16 +204,17 @@ def _predict(args: argparse.Namespace) -> int:
     from mmkd.predict import Student, format_predictions, manifest_rows
 
     student = Student.load(args.model)
-    if args.text is not None:
+    if args.text is not None and "text" not in student.modalities:
         raise ConfigError(f"--text was given, but this model takes {', '.join(student.modalities)}; it has no text input.")
-    if args.manifest is None and args.image is None and args.audio is None:
-        raise ConfigError("mmkd predict needs --manifest, or --image and/or --audio.")
+    if args.manifest is None and args.image is None and args.audio is None and args.text is None:
+        raise ConfigError("mmkd predict needs --manifest, or one or more of --image, --audio and --text.")
     if args.manifest is not None:
-        if args.audio is not None:
-            raise ConfigError("--audio names one file; with --manifest, put the recordings in its audio column.")
+        if args.audio is not None or args.text is not None:
+            raise ConfigError("--audio and --text name one row; with --manifest, put them in its audio and text columns.")
         rows, ids = manifest_rows(args.manifest, student.modalities, root=args.root)
     else:
-        rows, ids = [{"image": args.image, "audio": args.audio}], [str(args.image or args.audio)]
+        rows = [{"image": args.image, "audio": args.audio, "text": args.text}]
+        ids = [str(args.image or args.audio or "text")]
     kind = args.format or ("csv" if args.out is not None and args.out.suffix.lower() == ".csv" else "json")
     text = format_predictions(student.predict(rows, ids), student.labels, kind)
     if args.out is None:

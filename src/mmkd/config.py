@@ -21,7 +21,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mmkd.errors import ConfigError, PluginError
 
-MODALITIES = ("image", "audio")
+MODALITIES = ("image", "audio")  # the default of data.modalities; "text" is also accepted
+
+# The tensors each modality feeds a model, in order; they are also the ONNX input names.
+MODEL_INPUTS = {"image": ("image",), "audio": ("audio",), "text": ("input_ids", "attention_mask")}
+
+
+def input_names(modalities: list[str]) -> list[str]:
+    """Return the model input names of `modalities`, in order, without the modality mask."""
+    return [name for modality in modalities for name in MODEL_INPUTS[modality]]
+
+
+def modalities_of(names: list[str]) -> list[str]:
+    """Return the modalities whose inputs are all among `names`, in the order they appear there."""
+    found = []
+    for name in names:
+        for modality, inputs in MODEL_INPUTS.items():
+            if name == inputs[0] and set(inputs) <= set(names):
+                found.append(modality)
+    return found
 
 
 class _Strict(BaseModel):
@@ -78,8 +96,14 @@ class ImageConfig(_Strict):
 
 
 class TextConfig(_Strict):
-    """Limits on the inline text of a manifest's `text` column."""
+    """Tokenization and limits of the inline text of a manifest's `text` column."""
 
+    tokenizer: str | None = Field(
+        None,
+        description="Folder or Hugging Face hub id of the tokenizer that teacher and student share; "
+        "needed when data.modalities has text. A folder is relative to the config file.",
+    )
+    max_length: int = Field(128, ge=2, le=8192, description="Texts are cut to this many tokens, special tokens included.")
     max_chars: int = Field(10_000, ge=1, le=10**8, description="Maximum length of a text, in characters.")
     max_tokens: int | None = Field(
         None, ge=1, le=10**7, description="Maximum length of a text, in whitespace-separated words; None for no limit."
@@ -93,7 +117,7 @@ class DataConfig(_Strict):
     root: Path | None = Field(
         None, description="Folder the manifest's file paths are relative to; by default the manifest's folder."
     )
-    modalities: list[Literal["image", "audio"]] = Field(
+    modalities: list[Literal["image", "audio", "text"]] = Field(
         default_factory=lambda: list(MODALITIES), min_length=1, description="Modalities the models read."
     )
     classes: list[str] | None = Field(
@@ -123,6 +147,38 @@ class EncoderConfig(_Strict):
         if any(b < 1 or b > 16 for b in blocks):
             raise ValueError(f"every stage needs 1 to 16 blocks, got {blocks}")
         return blocks
+
+
+class TextEncoderConfig(_Strict):
+    """A transformer text encoder: pretrained, or a small BERT-style one built from these sizes."""
+
+    pretrained: str | None = Field(
+        None,
+        description="Folder or hub id of a transformers model (BERT, MiniLM, ...); a folder is relative to the "
+        "config file. None builds a new encoder from layers, hidden_size and heads.",
+    )
+    layers: int = Field(2, ge=1, le=48, description="Blocks of a new encoder.")
+    hidden_size: int = Field(128, ge=8, le=4096, description="Width of a new encoder.")
+    heads: int = Field(2, ge=1, le=64, description="Attention heads of a new encoder; must divide hidden_size.")
+    intermediate_size: int | None = Field(None, ge=8, le=16384, description="Feed-forward width; None is 4 x hidden_size.")
+    max_positions: int = Field(512, ge=8, le=8192, description="Longest token sequence a new encoder accepts.")
+    init_from_layers: list[int] | None = Field(
+        None,
+        description="Teacher blocks (0-based) copied into a new encoder's blocks, with the embeddings, as "
+        "DistilBERT was initialised; needs the teacher's sizes and teacher.text_encoder.pretrained.",
+    )
+    pooling: Literal["cls", "mean", "attention"] = Field(
+        "mean", description="How token states become one embedding: first token, masked mean, or learned attention."
+    )
+    trainable_blocks: int | None = Field(
+        None, ge=0, description="None trains every weight; N freezes the transformer except its last N blocks (0: frozen).",
+    )
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> TextEncoderConfig:
+        if self.pretrained is None and self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+        return self
 
 
 class PluginChoice(_Strict):
@@ -158,6 +214,7 @@ class ModelConfig(_Strict):
 
     image_encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Encoder of the image modality.")
     audio_encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="Encoder of the audio modality (after the log-mel front end).")
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="Encoder of the text modality.")
     embed_dim: int = Field(64, ge=2, le=4096, description="Width of each modality embedding.")
     fusion: PluginChoice = Field(default_factory=lambda: PluginChoice(name="concat"), description="Fusion plugin combining the modality embeddings.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head.")
@@ -186,7 +243,7 @@ class StudentConfig(ModelConfig):
         description="Encoder of the audio modality (after the log-mel front end).",
     )
     embed_dim: int = Field(32, ge=2, le=4096, description="Width of each modality embedding.")
-    modalities: list[Literal["image", "audio"]] | None = Field(
+    modalities: list[Literal["image", "audio", "text"]] | None = Field(
         None,
         min_length=1,
         description="Modalities the student and the baseline read, a subset of data.modalities; "
@@ -203,7 +260,7 @@ class AlignmentTerm(LossTerm):
     target, so it gets no gradient from this term.
     """
 
-    modalities: list[Literal["image", "audio"]] | None = Field(
+    modalities: list[Literal["image", "audio", "text"]] | None = Field(
         None,
         min_length=2,
         max_length=2,
@@ -393,6 +450,11 @@ class RunConfig(_Strict):
     name: str = Field("run", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$", description="Run name, part of each run folder's name.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds model initialisation and batch order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
+    allow_downloads: bool = Field(
+        False,
+        description="Let pretrained models and tokenizers named by hub id be downloaded; needs HF_HUB_OFFLINE=0, "
+        "which mmkd otherwise sets to 1.",
+    )
     data: DataConfig = Field(description="The manifest and how rows are decoded.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher's architecture and training.")
     student: StudentConfig = Field(
@@ -416,6 +478,11 @@ class RunConfig(_Strict):
         checks = [("teacher.fusion", "fusion", self.teacher.fusion), ("student.fusion", "fusion", self.student.fusion)]
         checks += [(f"distill.losses[{i}]", "losses", term) for i, term in enumerate(self.distill.losses)]
         checks += [(f"distill.alignment[{i}]", "alignment", term) for i, term in enumerate(self.distill.alignment)]
+        if "text" in self.data.modalities and self.data.text.tokenizer is None:
+            raise ValueError(
+                "data.text.tokenizer: data.modalities has text, so name the tokenizer folder or hub id "
+                "(for a pretrained text teacher, usually the same as teacher.text_encoder.pretrained)"
+            )
         chosen = self.student.modalities or []
         if not set(chosen) <= set(self.data.modalities) or len(set(chosen)) < len(chosen):
             raise ValueError(
@@ -536,7 +603,19 @@ def config_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str = "conf
         config.feature_store = (base_dir / config.feature_store).resolve()
     if config.promotion.registry is not None:
         config.promotion.registry = (base_dir / config.promotion.registry).resolve()
+    # A pretrained name is a folder when one exists there, else a hub id.
+    config.data.text.tokenizer = _local_or_hub(config.data.text.tokenizer, base_dir)
+    for model in (config.teacher, config.student):
+        model.text_encoder.pretrained = _local_or_hub(model.text_encoder.pretrained, base_dir)
     return config
+
+
+def _local_or_hub(name: str | None, base_dir: Path) -> str | None:
+    """Return `name` as an absolute folder path when it names an existing folder, else unchanged."""
+    if name is None:
+        return None
+    candidate = (base_dir / Path(name).expanduser())
+    return str(candidate.resolve()) if candidate.is_dir() else name
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -11,6 +11,7 @@ import onnx
 import torch
 from torch.export import Dim
 
+from mmkd.config import input_names, modalities_of
 from mmkd.data.loading import TensorDataset
 from mmkd.errors import ExportError
 from mmkd.models.multimodal import MultimodalClassifier
@@ -38,6 +39,9 @@ def export_onnx(model: MultimodalClassifier, example: TensorDataset, path: Path,
     for modality in model.modalities:
         if modality == "audio":
             shapes.append({0: batch, 1: Dim("samples", min=512, max=10**8)})
+        elif modality == "text":
+            tokens = Dim("tokens", min=2, max=8192)
+            shapes += [{0: batch, 1: tokens}, {0: batch, 1: tokens}]
         else:
             shapes.append({0: batch})
     shapes.append({0: batch})
@@ -47,14 +51,16 @@ def export_onnx(model: MultimodalClassifier, example: TensorDataset, path: Path,
         model,
         args,
         dynamo=True,
-        input_names=[*model.modalities, "mask"],
-        output_names=list(OUTPUT_NAMES),
+        input_names=[*input_names(model.modalities), "mask"],
         dynamic_shapes=(tuple(shapes),),
         opset_version=opset,
         external_data=large,
         verbose=False,
     )
     proto = program.model_proto
+    # Named here rather than by the exporter, which can reuse an output name for an inner value
+    # (a transformer's "embedding" lookup), leaving two producers of one name.
+    _rename_outputs(proto.graph, list(OUTPUT_NAMES))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key = key
@@ -68,13 +74,33 @@ def export_onnx(model: MultimodalClassifier, example: TensorDataset, path: Path,
     return Path(path)
 
 
+def _rename_outputs(graph: onnx.GraphProto, names: list[str]) -> None:
+    """Give the graph's outputs `names`, first renaming any inner value that already has one of them."""
+
+    def rename(old: str, new: str) -> None:
+        for node in graph.node:
+            node.input[:] = [new if name == old else name for name in node.input]
+            node.output[:] = [new if name == old else name for name in node.output]
+        for value in [*graph.value_info, *graph.output]:
+            if value.name == old:
+                value.name = new
+
+    taken = {name for node in graph.node for name in node.output}
+    for name in names:
+        if name in taken and name not in [o.name for o in graph.output]:
+            rename(name, f"{name}_inner")
+    for output, name in zip(list(graph.output), names, strict=True):
+        if output.name != name:
+            rename(output.name, name)
+
+
 def run_onnx(session, data: TensorDataset, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Return the ONNX model's (logits, embeddings) for every row of `data`.
 
     The model is fed the modalities its inputs are named after, then the mask.
     """
     names = [i.name for i in session.get_inputs()]
-    inputs = data.with_modalities(names[:-1]).model_inputs()
+    inputs = data.with_modalities(modalities_of(names)).model_inputs()
     logits, embeddings = [], []
     for start in range(0, len(data), batch_size):
         feed = {name: x[start : start + batch_size].numpy() for name, x in zip(names, inputs, strict=True)}

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
+from mmkd.config import modalities_of
 from mmkd.data.loading import TensorDataset
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class _BatchReader(CalibrationDataReader):
     """Feed calibration rows to ONNX Runtime's static quantizer, 32 rows at a time."""
 
     def __init__(self, names: list[str], data: TensorDataset, batch_size: int = 32):
-        inputs = data.with_modalities(names[:-1]).model_inputs()
+        inputs = data.with_modalities(modalities_of(names)).model_inputs()
         self._batches = iter([
             {name: x[start : start + batch_size].numpy() for name, x in zip(names, inputs, strict=True)}
             for start in range(0, len(data), batch_size)
@@ -81,7 +82,13 @@ def make_variant(kind: str, source: Path, target: Path, calibration: TensorDatas
 
     # Quantization wants shapes inferred and the graph folded first.
     prepared = target.with_name(f".{target.stem}.prepared.onnx")
-    quant_pre_process(str(source), str(prepared))
+    try:
+        quant_pre_process(str(source), str(prepared))
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises a bare Exception here
+        # Symbolic shape inference does not cover every graph (transformers' attention masks);
+        # ONNX's own shape inference is enough for quantization.
+        logger.info("Symbolic shape inference failed (%s); preparing %s with ONNX shape inference only", exc, source.name)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     try:
         excluded = frontend_nodes(onnx.load(str(prepared)))
         if kind == "int8_dynamic":
@@ -139,8 +146,16 @@ def build_variants(
         "max_abs_diff_vs_fp32": 0.0, "accepted": True, "reason": "the exported model",
     }}
     for kind in kinds:
-        path = make_variant(kind, source, folder / f"{source.stem}.{kind}.onnx", calibration)
-        accuracy, logits = score(path)
+        try:
+            path = make_variant(kind, source, folder / f"{source.stem}.{kind}.onnx", calibration)
+            accuracy, logits = score(path)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's tools fail in many ways; the other variants still count
+            reason = f"could not be made or run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            report[kind] = {"path": None, "bytes": None, "accuracy": None, "max_abs_diff_vs_fp32": None,
+                            "accepted": False, "reason": reason}
+            (folder / f"{source.stem}.{kind}.onnx").unlink(missing_ok=True)
+            logger.warning("ONNX variant %s rejected: %s", kind, reason)
+            continue
         accepted, reason = judge(fp32_accuracy, accuracy, max_accuracy_drop)
         per_row = np.abs(logits - fp32_logits).max(axis=1)
         worst = int(per_row.argmax())

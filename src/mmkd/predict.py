@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmkd.config import AudioConfig, ImageConfig
+from mmkd.config import AudioConfig, ImageConfig, modalities_of
 from mmkd.data.decode import decode_audio, decode_image
 from mmkd.errors import ConfigError, DataError
 
@@ -50,6 +50,12 @@ class Student:
     modalities: list[str]
     image: ImageConfig | None
     audio: AudioConfig | None
+    tokenizer: object = None
+
+    @property
+    def inputs(self) -> list[str]:
+        """The model's input names other than the modality mask."""
+        return [i.name for i in self.session.get_inputs() if i.name != "mask"]  # type: ignore[attr-defined]
 
     @classmethod
     def load(cls, path: Path) -> Student:
@@ -63,13 +69,36 @@ class Student:
             raise ConfigError(f"{model_path} has no {' or '.join(missing)} in its metadata; export it with mmkd.")
         preprocessing = json.loads(metadata["preprocessing"])
         names = [i.name for i in session.get_inputs()]
+        modalities = modalities_of(names)
+        tokenizer = None
+        if "text" in modalities:
+            if "tokenizer" not in metadata:
+                raise ConfigError(f"{model_path} takes text but has no tokenizer in its metadata; export it with mmkd.")
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(metadata["tokenizer"])
+            tokenizer.enable_truncation(int(preprocessing["text"]["max_length"]))
+            tokenizer.no_padding()
         return cls(
             session=session,
             labels=json.loads(metadata["labels"]),
-            modalities=[name for name in names if name != "mask"],
-            image=ImageConfig(**preprocessing["image"]) if "image" in names else None,
-            audio=AudioConfig(**preprocessing["audio"]) if "audio" in names else None,
+            modalities=modalities,
+            image=ImageConfig(**preprocessing["image"]) if "image" in modalities else None,
+            audio=AudioConfig(**preprocessing["audio"]) if "audio" in modalities else None,
+            tokenizer=tokenizer,
         )
+
+    def _tokenize(self, texts: list[str | None]) -> dict[str, np.ndarray]:
+        """Token ids and attention mask of `texts`, padded to the longest; a missing text is all padding."""
+        encodings = [self.tokenizer.encode(text) if text is not None else None for text in texts]  # type: ignore[attr-defined]
+        length = max([2, *(len(e.ids) for e in encodings if e is not None)])
+        ids = np.zeros((len(texts), length), dtype=np.int64)
+        attention = np.zeros((len(texts), length), dtype=np.int64)
+        for i, encoding in enumerate(encodings):
+            if encoding is not None:
+                ids[i, : len(encoding.ids)] = encoding.ids
+                attention[i, : len(encoding.ids)] = 1
+        return {"input_ids": ids, "attention_mask": attention}
 
     def _decode(self, modality: str, path: Path) -> np.ndarray:
         if modality == "image":
@@ -86,8 +115,8 @@ class Student:
     def predict(self, rows: list[dict[str, Path | None]], ids: list[str]) -> list[dict]:
         """Return one prediction per row: id, label and each label's probability.
 
-        Each row maps a modality to its file, or to None where the row lacks it; the
-        model's mask input marks which are absent.
+        Each row maps a modality to its file (for text, the text itself), or to None where
+        the row lacks it; the model's mask input marks which are absent.
 
         Raises:
             DataError: a file does not decode; the message names the row and the file.
@@ -95,11 +124,15 @@ class Student:
         results = []
         for start in range(0, len(rows), BATCH_SIZE):
             batch, batch_ids = rows[start : start + BATCH_SIZE], ids[start : start + BATCH_SIZE]
-            feed = {m: [] for m in self.modalities}
+            feed: dict[str, list] = {m: [] for m in self.modalities}
             mask = np.zeros((len(batch), len(self.modalities)), dtype=bool)
             for i, (row, row_id) in enumerate(zip(batch, batch_ids, strict=True)):
                 for j, modality in enumerate(self.modalities):
                     path = row.get(modality)
+                    if modality == "text":
+                        feed["text"].append(path)
+                        mask[i, j] = path is not None
+                        continue
                     if path is None:
                         feed[modality].append(self._empty(modality))
                         continue
@@ -108,7 +141,9 @@ class Student:
                     except (OSError, ValueError, EOFError) as exc:
                         raise DataError(f"row {row_id!r}: {modality} {path} cannot be used: {exc}") from None
                     mask[i, j] = True
-            inputs = {m: np.stack(arrays).astype(np.float32) for m, arrays in feed.items()}
+            inputs = {m: np.stack(arrays).astype(np.float32) for m, arrays in feed.items() if m != "text"}
+            if "text" in feed:
+                inputs.update(self._tokenize(feed["text"]))
             logits, _ = self.session.run(None, {**inputs, "mask": mask})
             shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
             probabilities = shifted / shifted.sum(axis=1, keepdims=True)
@@ -146,6 +181,9 @@ def manifest_rows(manifest: Path, modalities: list[str], *, root: Path | None = 
             value = record.get(modality)
             if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
                 row[modality] = None
+                continue
+            if modality == "text":
+                row[modality] = str(value)
                 continue
             _check_relative_path(str(value), f"Manifest {manifest}, {where[i]}, column {modality!r}", data_root)
             row[modality] = data_root / str(value)

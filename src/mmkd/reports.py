@@ -6,15 +6,15 @@ from __future__ import annotations
 def benchmark_markdown(rows: list[dict]) -> str:
     """Return benchmark rows as a markdown table, with a note for providers that did not load."""
     lines = [
-        "| model | engine | provider | batch | audio samples | p50 ms | p90 ms | p99 ms | examples/s | peak MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | engine | provider | batch | audio samples | tokens | p50 ms | p90 ms | p99 ms | examples/s | peak MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = set()
     for row in rows:
         provider = f"{row['provider']} (IO binding)" if row.get("io_binding") else row["provider"]
         lines.append(
             f"| {row['model']} | {row['engine']} | {provider} | {row['batch_size']} | "
-            f"{row.get('audio_samples') or '-'} | {row['p50_ms']:.3f} | "
+            f"{row.get('audio_samples') or '-'} | {row.get('tokens') or '-'} | {row['p50_ms']:.3f} | "
             f"{row['p90_ms']:.3f} | {row['p99_ms']:.3f} | {row['throughput_per_s']:.0f} | "
             f"{'-' if row.get('peak_mib') is None else format(row['peak_mib'], '.1f')} |"
         )

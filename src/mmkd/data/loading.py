@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmkd.config import DataConfig
+from mmkd.config import DataConfig, input_names
 from mmkd.data.decode import decode_audio, decode_image
 from mmkd.errors import DataError
 from mmkd.manifest import Manifest, label_order, read_manifest
@@ -33,7 +33,8 @@ class TensorDataset:
     """Decoded rows: one input tensor per modality, the modality mask, labels and splits.
 
     Attributes:
-        inputs: modality -> tensor with rows first (images float, waveforms float).
+        inputs: model input name -> tensor with rows first (images and waveforms float,
+            token ids and attention masks int64), named as in `MODEL_INPUTS`.
         mask: (rows, modalities) bool, True where the row has that modality.
         labels: (rows,) class indices into `classes`.
         ids: row ids, as in the manifest.
@@ -85,12 +86,12 @@ class TensorDataset:
         if list(modalities) == self.modalities:
             return self
         columns = [self.modalities.index(m) for m in modalities]
-        return replace(self, inputs={m: self.inputs[m] for m in modalities}, mask=self.mask[:, columns],
-                       modalities=list(modalities))
+        return replace(self, inputs={name: self.inputs[name] for name in input_names(modalities)},
+                       mask=self.mask[:, columns], modalities=list(modalities))
 
     def model_inputs(self) -> tuple[torch.Tensor, ...]:
-        """Return the tensors in the model's positional order: modalities, then mask."""
-        return (*(self.inputs[m] for m in self.modalities), self.mask)
+        """Return the tensors in the model's positional order: each modality's inputs, then mask."""
+        return (*(self.inputs[name] for name in input_names(self.modalities)), self.mask)
 
 
 def _source_key(manifest: Manifest, data: DataConfig) -> str:
@@ -175,14 +176,21 @@ def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
              "audio": np.zeros(data.audio.num_samples, np.float32)}
     decoders = {"image": lambda p: decode_image(p, data.image), "audio": lambda p: decode_audio(p, data.audio)}
 
-    arrays: dict[str, list[np.ndarray]] = {m: [] for m in data.modalities}
+    arrays: dict[str, list[np.ndarray]] = {m: [] for m in data.modalities if m != "text"}
+    texts: list[str] = []
     mask = np.zeros((len(frame), len(data.modalities)), dtype=bool)
-    keys = []
+    digests = []
     for row_number, row in enumerate(frame.itertuples(index=False)):
         row_id = str(row.id)
         digest = hashlib.sha256()
+        digests.append(digest)
         for j, modality in enumerate(data.modalities):
             value = getattr(row, modality, None)
+            if modality == "text":
+                # Texts are tokenized together below; their token ids enter the key there.
+                texts.append("" if value is None else str(value))
+                mask[row_number, j] = value is not None
+                continue
             if value is None:
                 arrays[modality].append(empty[modality])
                 digest.update(f"{modality}:absent".encode())
@@ -198,9 +206,16 @@ def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
             mask[row_number, j] = True
             digest.update(modality.encode())
             digest.update(array.tobytes())
-        keys.append(digest.hexdigest()[:32])
 
-    inputs = {m: torch.from_numpy(np.stack(arrays[m])) for m in data.modalities}
+    inputs = {m: torch.from_numpy(np.stack(arrays[m])) for m in arrays}
+    preprocessing = {"image": data.image.model_dump(), "audio": data.audio.model_dump()}
+    if "text" in data.modalities:
+        column = data.modalities.index("text")
+        inputs.update(tokenize(texts, data))
+        for digest, ids, present in zip(digests, inputs["input_ids"].numpy(), mask[:, column], strict=True):
+            digest.update(b"text" + ids.tobytes() if present else b"text:absent")
+        preprocessing["text"] = {"tokenizer": data.text.tokenizer, "max_length": data.text.max_length}
+    keys = [digest.hexdigest()[:32] for digest in digests]
     logger.info("Decoded %d rows (%s) from %s", len(frame), ", ".join(data.modalities), manifest.path)
     return TensorDataset(
         inputs=inputs,
@@ -211,8 +226,24 @@ def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
         keys=keys,
         classes=classes,
         modalities=list(data.modalities),
-        preprocessing={"image": data.image.model_dump(), "audio": data.audio.model_dump()},
+        preprocessing=preprocessing,
     )
+
+
+def tokenize(texts: list[str], data: DataConfig) -> dict[str, torch.Tensor]:
+    """Tokenize `texts` with the config's tokenizer, padded to the longest and cut to `data.text.max_length`.
+
+    The tokenizer is read from its folder or the Hugging Face cache, never downloaded
+    here: a run that allows downloads fetches it first (`mmkd.models.text.prefetch`).
+
+    Returns:
+        "input_ids" and "attention_mask", each (rows, tokens) int64.
+    """
+    from mmkd.models.text import load_tokenizer
+
+    tokenizer = load_tokenizer(data.text.tokenizer, allow_downloads=False)
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=data.text.max_length, return_tensors="np")
+    return {name: torch.from_numpy(encoded[name].astype(np.int64)) for name in ("input_ids", "attention_mask")}
 
 
 def _row_message(manifest: Manifest, row_number: int, row_id: str, column: str, path: Path, reason: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkd.config import AudioConfig, ImageConfig, ModelConfig
+from mmkd.config import MODEL_INPUTS, AudioConfig, ImageConfig, ModelConfig
 from mmkd.models.encoders import AudioEncoder, ResNetEncoder
 from mmkd.registry import get_registry
 
@@ -16,11 +16,11 @@ from mmkd.registry import get_registry
 class MultimodalClassifier(nn.Module):
     """One encoder per modality, a fusion plugin and a linear classification head.
 
-    `forward(*inputs, mask)` takes one tensor per modality in `modalities` order (images
-    (batch, channels, size, size), waveforms (batch, samples)) and a (batch, modalities)
-    bool mask, and returns `(logits, embedding)` where `embedding` is the fused feature.
-    This positional signature is also the ONNX model's, with inputs named after the
-    modalities and "mask".
+    `forward(*inputs, mask)` takes each modality's tensors in `modalities` order (images
+    (batch, channels, size, size); waveforms (batch, samples); for text, token ids and
+    attention mask, both (batch, tokens)) and a (batch, modalities) bool mask, and
+    returns `(logits, embedding)` where `embedding` is the fused feature. This positional
+    signature is also the ONNX model's, with inputs named as in `MODEL_INPUTS` and "mask".
     """
 
     def __init__(
@@ -31,6 +31,9 @@ class MultimodalClassifier(nn.Module):
         num_classes: int,
         image: ImageConfig,
         audio: AudioConfig,
+        vocab_size: int | None = None,
+        allow_downloads: bool = False,
+        init_text_from: str | None = None,
     ) -> None:
         super().__init__()
         self.modalities = list(modalities)
@@ -40,8 +43,17 @@ class MultimodalClassifier(nn.Module):
                 encoders[modality] = ResNetEncoder(image.channels, config.image_encoder, config.embed_dim)
             elif modality == "audio":
                 encoders[modality] = AudioEncoder(audio, config.audio_encoder, config.embed_dim)
+            elif modality == "text":
+                from mmkd.models.text import TextEncoder
+
+                if vocab_size is None and config.text_encoder.pretrained is None:
+                    raise ValueError("a new text encoder needs vocab_size, the tokenizer's vocabulary size")
+                encoders[modality] = TextEncoder(
+                    config.text_encoder, config.embed_dim, vocab_size=vocab_size or 0,
+                    allow_downloads=allow_downloads, init_from=init_text_from,
+                )
             else:
-                raise ValueError(f"no encoder for modality {modality!r}; built in: image, audio")
+                raise ValueError(f"no encoder for modality {modality!r}; built in: image, audio, text")
         self.encoders = nn.ModuleDict(encoders)
         fusion_cls = get_registry("fusion").get(config.fusion.name)
         self.fusion = fusion_cls([config.embed_dim] * len(self.modalities), fusion_cls.Params(**config.fusion.params))
@@ -61,7 +73,12 @@ class MultimodalClassifier(nn.Module):
         the mask keeps it out of the fused embedding.
         """
         *inputs, mask = args
-        features = [self.encoders[m](x) for m, x in zip(self.modalities, inputs, strict=True)]
+        features = []
+        position = 0
+        for modality in self.modalities:
+            count = len(MODEL_INPUTS[modality])
+            features.append(self.encoders[modality](*inputs[position : position + count]))
+            position += count
         if self.training:
             # Kept for loss terms that align one modality's embedding with another's.
             self.modality_features = features
