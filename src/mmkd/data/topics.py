@@ -1,9 +1,9 @@
 """Generated topic sentences: a small text-classification set that needs no download.
 
 Each row is one sentence about one of four topics (sport, weather, food, music). A
-sentence is built from a template, one or two words of its topic, and everyday words
-shared by all topics; some sentences also carry one word of another topic, so a model
-has to weigh the evidence rather than look up a single word.
+sentence is built from a template, two words of its topic, and everyday words shared by
+all topics. Some sentences carry one word of another topic in place of the second, so a
+model has to weigh the evidence rather than look up a single word.
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ def build_topics(out: Path, *, rows_per_topic: int = 300, seed: int = 0, distrac
     for topic in TOPIC_WORDS:
         for index in range(rows_per_topic):
             fraction = index / rows_per_topic
-            split = "train" if fraction < 0.7 else "val" if fraction < 0.85 else "test"
+            split = "train"
+            if fraction >= 0.85:
+                split = "test"
+            elif fraction >= 0.7:
+                split = "val"
             rows.append({"id": f"{topic}-{index:05d}", "label": topic, "split": split,
                          "text": topic_sentence(topic, rng, distractor_rate=distractor_rate)})
     out.mkdir(parents=True, exist_ok=True)

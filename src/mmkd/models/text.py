@@ -3,7 +3,7 @@
 Both take token ids and an attention mask and return one embedding per row: the hidden
 states pooled (first token, masked mean or learned attention) and projected to the
 model's embedding width. Pretrained weights and tokenizers are read with transformers'
-`from_pretrained`, from a local folder or a hub id; with downloads off, only local
+`from_pretrained`, from a local folder or a hub id. With downloads off, only local
 folders and the Hugging Face cache are read.
 """
 
