@@ -134,11 +134,29 @@ class DataConfig(_Strict):
 
 
 class EncoderConfig(_Strict):
-    """A ResNet-style convolutional encoder for one modality."""
+    """A ResNet-style convolutional encoder built here, or (for images) a pretrained backbone."""
 
     width: int = Field(16, ge=2, le=512, description="Channels of the first stage; each later stage doubles it.")
     blocks: list[int] = Field(
         default_factory=lambda: [2, 2, 2], min_length=1, max_length=6, description="Residual blocks per stage."
+    )
+    pretrained: str | None = Field(
+        None,
+        description="Images only: torchvision:NAME or timm:NAME (e.g. torchvision:resnet18), or the folder or hub id "
+        "of a transformers image model (ViT, CLIP vision, ...). None builds the ResNet-style encoder above.",
+    )
+    weights: str | None = Field(
+        None,
+        description="For torchvision and timm: a weights file (relative to the config file), default for the "
+        "library's own pretrained weights, or None for random initialisation.",
+    )
+    input_size: int | None = Field(
+        None, ge=8, le=4096,
+        description="Side the image is resized to inside the model; None takes the model's own (224 for torchvision).",
+    )
+    pooling: Literal["cls", "mean"] = Field("cls", description="For transformers image models: first token or mean of tokens.")
+    trainable_blocks: int | None = Field(
+        None, ge=0, description="None trains every weight; N freezes the backbone except its last N blocks (0: frozen).",
     )
 
     @field_validator("blocks")
@@ -478,6 +496,10 @@ class RunConfig(_Strict):
         checks = [("teacher.fusion", "fusion", self.teacher.fusion), ("student.fusion", "fusion", self.student.fusion)]
         checks += [(f"distill.losses[{i}]", "losses", term) for i, term in enumerate(self.distill.losses)]
         checks += [(f"distill.alignment[{i}]", "alignment", term) for i, term in enumerate(self.distill.alignment)]
+        for role, model in (("teacher", self.teacher), ("student", self.student)):
+            if model.audio_encoder.pretrained is not None:
+                raise ValueError(f"{role}.audio_encoder.pretrained: pretrained audio encoders are not supported yet; "
+                                 "leave it out to use the log-mel ResNet-style encoder")
         if "text" in self.data.modalities and self.data.text.tokenizer is None:
             raise ValueError(
                 "data.text.tokenizer: data.modalities has text, so name the tokenizer folder or hub id "
@@ -607,6 +629,11 @@ def config_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str = "conf
     config.data.text.tokenizer = _local_or_hub(config.data.text.tokenizer, base_dir)
     for model in (config.teacher, config.student):
         model.text_encoder.pretrained = _local_or_hub(model.text_encoder.pretrained, base_dir)
+        image = model.image_encoder
+        if image.pretrained is not None and ":" not in image.pretrained:
+            image.pretrained = _local_or_hub(image.pretrained, base_dir)
+        if image.weights not in (None, "default"):
+            image.weights = str((base_dir / Path(image.weights).expanduser()).resolve())
     return config
 
 

@@ -39,7 +39,12 @@ class MultimodalClassifier(nn.Module):
         self.modalities = list(modalities)
         encoders: dict[str, nn.Module] = {}
         for modality in self.modalities:
-            if modality == "image":
+            if modality == "image" and config.image_encoder.pretrained is not None:
+                from mmkd.models.pretrained import PretrainedImageEncoder
+
+                encoders[modality] = PretrainedImageEncoder(config.image_encoder, config.embed_dim, image,
+                                                            allow_downloads=allow_downloads)
+            elif modality == "image":
                 encoders[modality] = ResNetEncoder(image.channels, config.image_encoder, config.embed_dim)
             elif modality == "audio":
                 encoders[modality] = AudioEncoder(audio, config.audio_encoder, config.embed_dim)
