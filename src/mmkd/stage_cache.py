@@ -26,7 +26,7 @@ from mmkd.watching import load_state, save_state, snapshot_dataset
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "validate": (("data", "validation"), ()),
     "teacher": (("data", "teacher", "seed", "device"), ("validate",)),
-    "distill": (("student", "distill", "seed", "device"), ("validate", "teacher")),
+    "distill": (("student", "extract", "distill", "seed", "device"), ("validate", "teacher")),
     "finetune": (("finetune",), ("distill",)),
     "evaluate": (("student", "distill", "finetune"), ("finetune", "teacher")),
     "export": (("export",), ("finetune", "teacher")),
