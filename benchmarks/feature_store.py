@@ -37,7 +37,7 @@ def row_key(i: int) -> str:
 
 
 def demo_config():
-    """The packaged audio-visual digits config, with a placeholder manifest path."""
+    """Return the packaged audio-visual digits config, with a placeholder manifest path."""
     import yaml
 
     from mmkd.config import config_from_dict

@@ -59,8 +59,8 @@ def onnx_call(session: ort.InferenceSession, feed: dict[str, np.ndarray], *, io_
     """Return a function that runs `session` once on `feed` and returns its outputs.
 
     With `io_binding`, the inputs are copied to the provider's device once, here, and the
-    outputs stay there, so a timed call measures the model and not the copies between
-    host and device; PyTorch's timed calls likewise start from tensors already on the device.
+    outputs stay there. A timed call then measures the model and not the copies between
+    host and device, as PyTorch's timed calls start from tensors already on the device.
     """
     if not io_binding:
         return lambda: session.run(None, feed)
