@@ -17,13 +17,22 @@ from mmkd.reports import benchmark_markdown, latency_plot_svg
 from mmkd.runs import atomic_write_json, atomic_write_text
 
 
-def _with_audio_length(data: TensorDataset, samples: int | None) -> tuple[torch.Tensor, ...]:
-    """Return the rows' model inputs with each recording cut or zero-padded to `samples` (None keeps them)."""
-    if samples is None or "audio" not in data.modalities:
+def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Cut `x` to `length` along its second axis, or pad it there with zeros."""
+    return x[:, :length] if x.shape[1] >= length else torch.nn.functional.pad(x, (0, length - x.shape[1]))
+
+
+def _with_length(data: TensorDataset, length: tuple[str, int] | None) -> tuple[torch.Tensor, ...]:
+    """Return the rows' model inputs with recordings (("audio", samples)) or texts (("text", tokens)) cut or padded.
+
+    Padded tokens are masked out by a zero attention mask. None, or a modality the rows
+    lack, keeps the inputs as they are.
+    """
+    if length is None or length[0] not in data.modalities:
         return data.model_inputs()
-    audio = data.inputs["audio"]
-    resized = audio[:, :samples] if audio.shape[1] >= samples else torch.nn.functional.pad(audio, (0, samples - audio.shape[1]))
-    return replace(data, inputs={**data.inputs, "audio": resized}).model_inputs()
+    modality, size = length
+    names = ["audio"] if modality == "audio" else ["input_ids", "attention_mask"]
+    return replace(data, inputs={**data.inputs, **{n: _fit_length(data.inputs[n], size) for n in names}}).model_inputs()
 
 
 @flow(name="benchmark", description="Latency percentiles and throughput per engine, provider and batch size.")
@@ -46,10 +55,12 @@ def benchmark_flow(run_dir: str) -> list[dict]:
               "io_binding": settings.io_binding}
 
     rows: list[dict] = []
-    for audio_samples in [None, *(round(s * config.data.audio.sample_rate_hz) for s in settings.audio_seconds)]:
+    lengths: list[tuple[str, int] | None] = [None]
+    lengths += [("audio", round(s * config.data.audio.sample_rate_hz)) for s in settings.audio_seconds]
+    lengths += [("text", tokens) for tokens in settings.text_tokens]
+    for length in lengths:
         # Each model reads its own modalities; the student may read fewer than the teacher.
-        inputs = {role: _with_audio_length(test.with_modalities(model.modalities), audio_samples)
-                  for role, model in models.items()}
+        inputs = {role: _with_length(test.with_modalities(model.modalities), length) for role, model in models.items()}
         for role, onnx_path in (("student", paths.student_onnx), ("teacher", paths.teacher_onnx)):
             rows += benchmark_model(role, models[role], onnx_path, inputs[role], torch_compile=settings.torch_compile,
                                     **timing)

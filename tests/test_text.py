@@ -121,7 +121,7 @@ TEXT_CONFIG = {
                 "fusion": {"name": "concat"}},
     "distill": {"train": {"epochs": 2, "batch_size": 32, "patience": 2}},
     "finetune": {"train": {"epochs": 1, "batch_size": 32, "patience": 1}},
-    "benchmark": {"batch_sizes": [1, 4], "warmup": 1, "iterations": 5},
+    "benchmark": {"batch_sizes": [1, 4], "warmup": 1, "iterations": 5, "text_tokens": [8, 64]},
     "validation": {"min_rows_per_class_per_split": 0},
 }
 
@@ -183,10 +183,12 @@ def test_onnx_student_any_batch_and_length(text_run, batch, tokens):
 
 
 def test_benchmark_rows_record_tokens(text_run):
-    _, config, _, rows = text_run
+    folder, config, _, rows = text_run
     dataset = load_dataset(config.data)
-    assert {row["tokens"] for row in rows} == {dataset.inputs["input_ids"].shape[1]}
+    assert {row["tokens"] for row in rows} == {dataset.inputs["input_ids"].shape[1], 8, 64}
     assert {row["model"] for row in rows} >= {"student", "teacher"}
+    svg = (folder / "latency.svg").read_text()
+    assert 'data-series="student / onnxruntime / 64 tokens"' in svg
 
 
 def test_predict_text_without_torch(text_run, tmp_path):

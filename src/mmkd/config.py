@@ -50,13 +50,6 @@ class AudioConfig(_Strict):
     """Audio decoding and the log-mel front end's parameters."""
 
     sample_rate_hz: int = Field(8000, ge=1000, le=96000, description="Expected sample rate of every recording.")
-    torch_compile: bool = Field(
-        False, description="Also time torch.compile(model); compiling takes tens of seconds per batch size on a CPU.",
-    )
-    audio_seconds: list[float] = Field(
-        default_factory=list,
-        description="Further recording lengths in seconds to time, each cut or zero-padded; the trained length is always timed.",
-    )
     max_seconds: float = Field(
         1.35, gt=0, le=60, description="Recordings are zero-padded or centre-cropped to this length."
     )
@@ -142,8 +135,9 @@ class EncoderConfig(_Strict):
     )
     pretrained: str | None = Field(
         None,
-        description="Images only: torchvision:NAME or timm:NAME (e.g. torchvision:resnet18), or the folder or hub id "
-        "of a transformers image model (ViT, CLIP vision, ...). None builds the ResNet-style encoder above.",
+        description="Images: torchvision:NAME or timm:NAME (e.g. torchvision:resnet18), or the folder or hub id of a "
+        "transformers image model (ViT, CLIP vision, ...). Audio: the folder or hub id of a transformers speech "
+        "model (wav2vec2, HuBERT, ...). None builds the ResNet-style encoder above.",
     )
     weights: str | None = Field(
         None,
@@ -154,7 +148,9 @@ class EncoderConfig(_Strict):
         None, ge=8, le=4096,
         description="Side the image is resized to inside the model; None takes the model's own (224 for torchvision).",
     )
-    pooling: Literal["cls", "mean"] = Field("cls", description="For transformers image models: first token or mean of tokens.")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="For transformers image models: first token or mean of tokens; speech models always take the mean.",
+    )
     trainable_blocks: int | None = Field(
         None, ge=0, description="None trains every weight; N freezes the backbone except its last N blocks (0: frozen).",
     )
@@ -447,6 +443,10 @@ class BenchmarkConfig(_Strict):
         default_factory=list,
         description="Further recording lengths in seconds to time, each cut or zero-padded; the trained length is always timed.",
     )
+    text_tokens: list[int] = Field(
+        default_factory=list,
+        description="Further text lengths in tokens to time, each cut or padded; the dataset's length is always timed.",
+    )
     max_seconds: float = Field(
         5.0, gt=0, description="Time spent timing one model, engine and batch size, after which it stops (at least 5 runs).",
     )
@@ -497,9 +497,10 @@ class RunConfig(_Strict):
         checks += [(f"distill.losses[{i}]", "losses", term) for i, term in enumerate(self.distill.losses)]
         checks += [(f"distill.alignment[{i}]", "alignment", term) for i, term in enumerate(self.distill.alignment)]
         for role, model in (("teacher", self.teacher), ("student", self.student)):
-            if model.audio_encoder.pretrained is not None:
-                raise ValueError(f"{role}.audio_encoder.pretrained: pretrained audio encoders are not supported yet; "
-                                 "leave it out to use the log-mel ResNet-style encoder")
+            if model.audio_encoder.pretrained is not None and ":" in model.audio_encoder.pretrained:
+                raise ValueError(f"{role}.audio_encoder.pretrained: {model.audio_encoder.pretrained!r} names a "
+                                 "torchvision or timm model; audio takes the folder or hub id of a transformers "
+                                 "speech model (wav2vec2, HuBERT, ...)")
         if "text" in self.data.modalities and self.data.text.tokenizer is None:
             raise ValueError(
                 "data.text.tokenizer: data.modalities has text, so name the tokenizer folder or hub id "
@@ -629,9 +630,10 @@ def config_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str = "conf
     config.data.text.tokenizer = _local_or_hub(config.data.text.tokenizer, base_dir)
     for model in (config.teacher, config.student):
         model.text_encoder.pretrained = _local_or_hub(model.text_encoder.pretrained, base_dir)
+        for encoder in (model.image_encoder, model.audio_encoder):
+            if encoder.pretrained is not None and ":" not in encoder.pretrained:
+                encoder.pretrained = _local_or_hub(encoder.pretrained, base_dir)
         image = model.image_encoder
-        if image.pretrained is not None and ":" not in image.pretrained:
-            image.pretrained = _local_or_hub(image.pretrained, base_dir)
         if image.weights not in (None, "default"):
             image.weights = str((base_dir / Path(image.weights).expanduser()).resolve())
     return config

@@ -41,6 +41,11 @@ def find_model(path: Path) -> Path:
                       "Pass a run folder, a Triton model folder or an .onnx file.")
 
 
+def _known(settings: type, stored: dict):
+    """Build `settings` from stored preprocessing, ignoring keys that older mmkd versions also stored."""
+    return settings(**{key: value for key, value in stored.items() if key in settings.model_fields})
+
+
 @dataclass
 class Student:
     """An exported student and the preprocessing its metadata describes."""
@@ -83,8 +88,8 @@ class Student:
             session=session,
             labels=json.loads(metadata["labels"]),
             modalities=modalities,
-            image=ImageConfig(**preprocessing["image"]) if "image" in modalities else None,
-            audio=AudioConfig(**preprocessing["audio"]) if "audio" in modalities else None,
+            image=_known(ImageConfig, preprocessing["image"]) if "image" in modalities else None,
+            audio=_known(AudioConfig, preprocessing["audio"]) if "audio" in modalities else None,
             tokenizer=tokenizer,
         )
 

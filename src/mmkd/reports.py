@@ -77,11 +77,14 @@ def latency_plot_svg(rows: list[dict]) -> str:
     import math
 
     lengths = {row.get("audio_samples") for row in rows}
+    token_lengths = {row.get("tokens") for row in rows}
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         name = f"{row['model']} / {row['engine']}"
         if len(lengths) > 1:
             name += f" / {row.get('audio_samples')} samples"
+        if len(token_lengths) > 1:
+            name += f" / {row.get('tokens')} tokens"
         series.setdefault(name, []).append((row["batch_size"], row["p50_ms"]))
     batches = sorted({b for points in series.values() for b, _ in points})
     latencies = [ms for points in series.values() for _, ms in points]

@@ -46,6 +46,11 @@ class MultimodalClassifier(nn.Module):
                                                             allow_downloads=allow_downloads)
             elif modality == "image":
                 encoders[modality] = ResNetEncoder(image.channels, config.image_encoder, config.embed_dim)
+            elif modality == "audio" and config.audio_encoder.pretrained is not None:
+                from mmkd.models.pretrained import PretrainedAudioEncoder
+
+                encoders[modality] = PretrainedAudioEncoder(config.audio_encoder, config.embed_dim, audio,
+                                                            allow_downloads=allow_downloads)
             elif modality == "audio":
                 encoders[modality] = AudioEncoder(audio, config.audio_encoder, config.embed_dim)
             elif modality == "text":

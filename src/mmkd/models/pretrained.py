@@ -1,4 +1,4 @@
-"""Pretrained image backbones from torchvision, timm and transformers, as modality encoders.
+"""Pretrained image backbones (torchvision, timm, transformers) and speech models (transformers) as encoders.
 
 The dataset decodes every image once, at the config's size and normalisation. The encoder
 adapts that tensor to the backbone inside the model: it undoes the dataset's normalisation,
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmkd.config import EncoderConfig, ImageConfig
+from mmkd.config import AudioConfig, EncoderConfig, ImageConfig
 from mmkd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -199,3 +199,51 @@ def _transformers_vision(name: str, allow_downloads: bool) -> tuple[nn.Module, t
     mean = tuple(processor.image_mean)
     std = tuple(processor.image_std)
     return model, (mean, std, int(side))
+
+
+class PretrainedAudioEncoder(nn.Module):
+    """A transformers speech model (wav2vec2, HuBERT, WavLM, ...) over the raw waveform.
+
+    The waveform is resampled inside the model to the feature extractor's rate by linear
+    interpolation, then normalised per recording to zero mean and unit variance when the
+    extractor does so. The frames' hidden states are averaged and projected to `embed_dim`.
+    """
+
+    def __init__(self, config: EncoderConfig, embed_dim: int, audio: AudioConfig, *, allow_downloads: bool = False) -> None:
+        super().__init__()
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        from mmkd.models.text import _not_found, transformer_blocks
+
+        name = config.pretrained or ""
+        try:
+            self.backbone = AutoModel.from_pretrained(name, local_files_only=not allow_downloads)
+            extractor = AutoFeatureExtractor.from_pretrained(name, local_files_only=not allow_downloads)
+        except OSError as exc:
+            raise _not_found("pretrained audio model", name, exc) from None
+        self.scale = extractor.sampling_rate / audio.sample_rate_hz
+        self.normalize = bool(getattr(extractor, "do_normalize", False))
+        self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
+        if config.trainable_blocks is not None:
+            for parameter in self.backbone.parameters():
+                parameter.requires_grad_(False)
+            blocks = list(transformer_blocks(self.backbone))
+            for block in blocks[len(blocks) - config.trainable_blocks:] if config.trainable_blocks else []:
+                for parameter in block.parameters():
+                    parameter.requires_grad_(True)
+
+    def adapt(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Resample (batch, samples) waveforms to the model's rate and normalise them as its extractor would."""
+        x = waveform
+        if self.scale != 1.0:
+            x = nn.functional.interpolate(x.unsqueeze(1), scale_factor=self.scale, mode="linear",
+                                          align_corners=False).squeeze(1)
+        if self.normalize:
+            mean = x.mean(dim=1, keepdim=True)
+            variance = x.var(dim=1, keepdim=True, unbiased=False)
+            x = (x - mean) / torch.sqrt(variance + 1e-7)
+        return x
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_values=self.adapt(waveform)).last_hidden_state
+        return self.proj(hidden.mean(dim=1))

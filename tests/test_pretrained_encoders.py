@@ -1,4 +1,4 @@
-"""Pretrained image backbones: tiny random torchvision, timm, ViT and CLIP models saved by the tests and loaded back."""
+"""Pretrained encoders: tiny random torchvision, timm, ViT, CLIP and wav2vec2 models saved by the tests and loaded back."""
 
 from __future__ import annotations
 
@@ -162,3 +162,65 @@ def test_image_teacher_pipeline_exports(tmp_path, small_avdigits, prefect_server
     teacher = onnx.load(str(folder / "teacher.onnx"))
     assert [i.name for i in teacher.graph.input] == ["image", "mask"]
     assert any(node.op_type == "Resize" for node in teacher.graph.node)
+
+
+@pytest.fixture(scope="module")
+def tiny_wav2vec2(tmp_path_factory):
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    folder = tmp_path_factory.mktemp("wav2vec2")
+    torch.manual_seed(3)
+    model = Wav2Vec2Model(Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    ))
+    model.save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(folder)
+    return folder
+
+
+def test_speech_model_matches_feature_extractor(tiny_wav2vec2):
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from mmkd.config import AudioConfig
+    from mmkd.models.pretrained import PretrainedAudioEncoder
+
+    encoder = PretrainedAudioEncoder(EncoderConfig(pretrained=str(tiny_wav2vec2)), 8, AudioConfig(sample_rate_hz=16000)).eval()
+    waveform = torch.randn(2, 8000, generator=torch.Generator().manual_seed(4)) * 0.2
+    extractor = Wav2Vec2FeatureExtractor.from_pretrained(tiny_wav2vec2)
+    values = extractor(list(waveform.numpy()), sampling_rate=16000, return_tensors="pt")["input_values"]
+    reference = Wav2Vec2Model.from_pretrained(tiny_wav2vec2).eval()
+    with torch.no_grad():
+        expected = encoder.proj(reference(input_values=values).last_hidden_state.mean(dim=1))
+        got = encoder(waveform)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_speech_model_resamples_to_its_rate(tiny_wav2vec2):
+    from mmkd.config import AudioConfig
+    from mmkd.models.pretrained import PretrainedAudioEncoder
+
+    encoder = PretrainedAudioEncoder(EncoderConfig(pretrained=str(tiny_wav2vec2), trainable_blocks=0), 8,
+                                     AudioConfig(sample_rate_hz=8000))
+    adapted = encoder.adapt(torch.randn(3, 4000))
+    assert adapted.shape == (3, 8000)
+    assert torch.allclose(adapted.mean(dim=1), torch.zeros(3), atol=1e-5)
+    assert not any(p.requires_grad for p in encoder.backbone.parameters())
+
+
+def test_speech_teacher_pipeline_exports(tmp_path, small_avdigits, tiny_wav2vec2, prefect_server):
+    config_path = write_config(
+        tmp_path / "configs", small_avdigits,
+        data={"manifest": str(small_avdigits), "modalities": ["audio"]},
+        teacher={"audio_encoder": {"pretrained": str(tiny_wav2vec2)}, "embed_dim": 16, "fusion": {"name": "concat"}},
+    )
+    config = load_config(config_path)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_config(config, folder / "config.yaml")
+    for stage in (teacher_flow, extract_flow, distill_flow, finetune_flow):
+        stage.fn(str(folder))
+    report = export_flow.fn(str(folder))
+    assert report["teacher"]["max_abs_diff"] <= config.export.parity_max_abs_diff
+    teacher = onnx.load(str(folder / "teacher.onnx"))
+    assert [i.name for i in teacher.graph.input] == ["audio", "mask"]
