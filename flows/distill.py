@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -22,7 +23,8 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
     """Train the student on the weighted sum of the configured loss terms."""
     train, val = dataset.subset("train"), dataset.subset("val")
     stored = store.get_outputs(train.keys)
-    teacher_logits, teacher_embeddings = stored["logits"], stored["embeddings"]
+    teacher_embeddings = stored["embeddings"]
+    teacher_logits = combined_logits(stored["logits"], config, paths, train.keys)
     seed_everything(config.seed + STUDENT_SEED_OFFSET)
     device = resolve_device(config.device)
     student = build_model(config, "student", dataset.classes).to(device)
@@ -45,6 +47,17 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
     progress.finish(result.epochs_run)
     training = {**result.summary(), "loss_terms": objective.names}
     return save_checkpoint(paths.distilled, student.cpu(), config, "student", dataset.classes, training=training)
+
+
+def combined_logits(own: torch.Tensor, config: RunConfig, paths: RunPaths, keys: list[str]) -> torch.Tensor:
+    """Return the weighted average of the run's teacher's logits and every extra teacher's, for rows `keys`."""
+    if not config.distill.extra_teachers:
+        return own
+    total = own * config.distill.teacher_weight
+    for extra in config.distill.extra_teachers:
+        _, metadata = load_checkpoint(extra.checkpoint, config)
+        total = total + open_store(paths, config, metadata["fingerprint"]).get(keys)[0] * extra.weight
+    return total / (config.distill.teacher_weight + sum(t.weight for t in config.distill.extra_teachers))
 
 
 @flow(name="distill", description="Train the student against cached teacher logits and features.")

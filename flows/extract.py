@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -9,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from mmkd.checkpoints import load_checkpoint
 from mmkd.config import RunConfig
 from mmkd.data.loading import TensorDataset
+from mmkd.errors import ConfigError
 from mmkd.features import FeatureStore, Outputs, extract
 from mmkd.flows._common import flow_logger, load_run_inputs, open_store
 from mmkd.models.multimodal import MultimodalClassifier
@@ -43,13 +46,29 @@ def extract_flow(run_dir: str) -> dict:
     logger = flow_logger()
     paths, config, dataset = load_run_inputs(run_dir)
 
-    # The store is keyed by the teacher's fingerprint and each row's decoded content.
-    teacher, metadata = load_checkpoint(paths.teacher, config)
-    store = open_store(paths, config, metadata["fingerprint"])
-    store.remove_stale_temporaries()
-    missing_before = len(store.missing(dataset.keys))
-    computed = extract_missing(store, teacher, dataset, config)
+    # Each store is keyed by a teacher's fingerprint and each row's decoded content.
+    results = []
+    for checkpoint in [paths.teacher, *(t.checkpoint for t in config.distill.extra_teachers)]:
+        teacher, metadata = load_extra_teacher(checkpoint, config, dataset.classes)
+        store = open_store(paths, config, metadata["fingerprint"])
+        store.remove_stale_temporaries()
+        missing_before = len(store.missing(dataset.keys))
+        computed = extract_missing(store, teacher, dataset, config)
+        reused = len(dataset) - missing_before
+        logger.info("Teacher outputs of %s: %d rows computed, %d reused from %s", checkpoint.name, computed, reused,
+                    store.folder)
+        results.append({"rows": len(dataset), "computed": computed, "reused": reused, **store.describe()})
+    return {**results[0], "extra_teachers": results[1:]}
 
-    reused = len(dataset) - missing_before
-    logger.info("Teacher outputs: %d rows computed, %d reused from %s", computed, reused, store.folder)
-    return {"rows": len(dataset), "computed": computed, "reused": reused, **store.describe()}
+
+def load_extra_teacher(checkpoint: Path, config: RunConfig, classes: list[str]):
+    """Load a teacher checkpoint and check that it predicts the run's classes in the same order.
+
+    Raises:
+        ConfigError: its classes differ from the dataset's.
+    """
+    teacher, metadata = load_checkpoint(checkpoint, config)
+    if metadata["classes"] != classes:
+        raise ConfigError(f"teacher {checkpoint} predicts classes {metadata['classes']}, but this run's data has "
+                          f"{classes}; a teacher must share the classes and their order")
+    return teacher, metadata

@@ -282,6 +282,13 @@ class AlignmentTerm(LossTerm):
     )
 
 
+class ExtraTeacher(_Strict):
+    """A further teacher, trained in an earlier run, whose logits join the distillation targets."""
+
+    checkpoint: Path = Field(description="Its teacher.pt (relative to the config file); it may read fewer modalities.")
+    weight: float = Field(1.0, gt=0, le=1000, description="Its weight in the average of the teachers' logits.")
+
+
 class DistillConfig(_Strict):
     """Distillation of the student against stored teacher outputs."""
 
@@ -298,6 +305,12 @@ class DistillConfig(_Strict):
         description="Alignment terms added to the objective: each aligns the student embedding with the teacher's.",
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=25, patience=8), description="Distillation schedule.")
+    extra_teachers: list[ExtraTeacher] = Field(
+        default_factory=list,
+        description="Further teachers: the logit targets become the weighted average of every teacher's logits; "
+        "feature terms still compare with the run's own teacher.",
+    )
+    teacher_weight: float = Field(1.0, gt=0, le=1000, description="Weight of the run's own teacher in that average.")
 
 
 class ExtractConfig(_Strict):
@@ -622,6 +635,8 @@ def config_from_dict(raw: dict[str, Any], *, base_dir: Path, source: str = "conf
         config.data.root = (base_dir / config.data.root).resolve()
     if config.teacher.checkpoint is not None:
         config.teacher.checkpoint = (base_dir / config.teacher.checkpoint).resolve()
+    for extra in config.distill.extra_teachers:
+        extra.checkpoint = (base_dir / extra.checkpoint).resolve()
     if config.feature_store is not None:
         config.feature_store = (base_dir / config.feature_store).resolve()
     if config.promotion.registry is not None:

@@ -69,6 +69,8 @@ def stage_keys(config: RunConfig, data_fingerprint: str) -> dict[str, str]:
             inputs["data"] = data_fingerprint
         if stage == "teacher" and config.teacher.checkpoint is not None:
             inputs["checkpoint"] = sha256_of_file(config.teacher.checkpoint)
+        if stage == "distill":
+            inputs["extra_teachers"] = [sha256_of_file(t.checkpoint) for t in config.distill.extra_teachers]
         keys[stage] = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return keys
 
