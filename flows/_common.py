@@ -101,9 +101,10 @@ def load_run_inputs(run_dir: str) -> tuple[RunPaths, RunConfig, TensorDataset]:
     return paths, config, dataset
 
 
-def open_store(paths: RunPaths, config: RunConfig, teacher_fingerprint: str) -> FeatureStore:
-    """Open the feature store of a run's teacher at the configured storage dtype."""
-    return FeatureStore(paths.feature_store(config), teacher_fingerprint, dtype=config.extract.dtype)
+def open_store(paths: RunPaths, config: RunConfig, teacher_fingerprint: str, *, own_teacher: bool = True) -> FeatureStore:
+    """Open a teacher's feature store at the configured dtype; the run's own teacher's also keeps extract.layers."""
+    layers = list(config.extract.layers) if own_teacher else None
+    return FeatureStore(paths.feature_store(config), teacher_fingerprint, dtype=config.extract.dtype, layers=layers)
 
 
 def seed_everything(seed: int) -> None:

@@ -10,7 +10,7 @@ from mmkd.checkpoints import build_model, load_checkpoint, save_checkpoint
 from mmkd.config import RunConfig
 from mmkd.data.loading import TensorDataset
 from mmkd.distillation import DistillationObjective
-from mmkd.features import FeatureStore
+from mmkd.features import FeatureStore, layer_output
 from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_inputs, open_store, seed_everything
 from mmkd.training import fit, resolve_device
 
@@ -36,8 +36,7 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
         teacher_embeddings=teacher_embeddings,
         alignment=config.distill.alignment,
         student=student,
-        teacher_modality_embeddings=stored["modality_embeddings"],
-        teacher_modalities=list(config.data.modalities),
+        teacher_targets=feature_targets(stored, config),
     ).to(device)
     progress = EpochProgress("distill", config.distill.train.epochs)
     result = fit(
@@ -49,6 +48,13 @@ def distill_student(config: RunConfig, dataset: TensorDataset, store: FeatureSto
     return save_checkpoint(paths.distilled, student.cpu(), config, "student", dataset.classes, training=training)
 
 
+def feature_targets(stored: dict[str, torch.Tensor], config: RunConfig) -> dict[str, torch.Tensor]:
+    """Name the stored teacher features a loss term may compare with: each modality's embedding and each stored layer."""
+    targets = {m: stored["modality_embeddings"][:, i] for i, m in enumerate(config.data.modalities)}
+    targets.update({f"layer:{name}": stored[layer_output(name)] for name in config.extract.layers})
+    return targets
+
+
 def combined_logits(own: torch.Tensor, config: RunConfig, paths: RunPaths, keys: list[str]) -> torch.Tensor:
     """Return the weighted average of the run's teacher's logits and every extra teacher's, for rows `keys`."""
     if not config.distill.extra_teachers:
@@ -56,7 +62,8 @@ def combined_logits(own: torch.Tensor, config: RunConfig, paths: RunPaths, keys:
     total = own * config.distill.teacher_weight
     for extra in config.distill.extra_teachers:
         _, metadata = load_checkpoint(extra.checkpoint, config)
-        total = total + open_store(paths, config, metadata["fingerprint"]).get(keys)[0] * extra.weight
+        store = open_store(paths, config, metadata["fingerprint"], own_teacher=False)
+        total = total + store.get(keys)[0] * extra.weight
     return total / (config.distill.teacher_weight + sum(t.weight for t in config.distill.extra_teachers))
 
 

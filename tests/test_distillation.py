@@ -112,7 +112,7 @@ def test_feature_term_can_target_one_teacher_modality(tmp_path):
     objective = DistillationObjective(
         config.distill.losses, student_dim=student.embedding_dim, teacher_dim=32,
         teacher_logits=torch.randn(8, 10), teacher_embeddings=fused,
-        teacher_modality_embeddings=per_modality, teacher_modalities=["image", "audio"],
+        teacher_targets={"image": per_modality[:, 0], "audio": per_modality[:, 1]},
     )
     _, values = objective(outputs, inputs)
 
@@ -136,6 +136,6 @@ def test_teacher_modality_outside_data_rejected(tmp_path):
 
 def test_teacher_modality_needs_stored_modality_embeddings(tmp_path):
     config = tiny_config(tmp_path, losses=[{"name": "mse", "teacher_features": "image"}])
-    with pytest.raises(ValueError, match="compares with the teacher's image embedding"):
+    with pytest.raises(ValueError, match="compares with the teacher's image features, but the stored teacher outputs have only fused"):
         DistillationObjective(config.distill.losses, student_dim=16, teacher_dim=32,
                               teacher_logits=torch.randn(8, 10), teacher_embeddings=torch.randn(8, 32))

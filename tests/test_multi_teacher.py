@@ -63,3 +63,45 @@ def test_distillation_runs_with_two_teachers(two_teachers):
     result = distill_flow.fn(str(folder))
     assert result["training"]["epochs_run"] >= 1
     assert (folder / "student_distilled.pt").exists()
+
+
+LAYER = "encoders.audio.encoder.stages.1"
+
+
+def test_teacher_layer_stored_and_distilled(tmp_path, small_avdigits, two_teachers):
+    from mmkd.features import FeatureStore, layer_output
+
+    source, _, _, _ = two_teachers
+    folder, config = prepared_run(
+        tmp_path, small_avdigits, "layers", teacher={"checkpoint": str(source / "teacher.pt")},
+        extract={"layers": [LAYER]},
+        distill={"losses": [{"name": "hinton"}, {"name": "mse", "teacher_features": f"layer:{LAYER}"}]},
+    )
+    teacher_flow.fn(str(folder))
+    extracted = extract_flow.fn(str(folder))
+    assert extracted["computed"] == 120
+    assert "-float32-layers-" in extracted["folder"]
+
+    dataset = load_dataset(config.data)
+    teacher, metadata = load_checkpoint(folder / "teacher.pt", config)
+    seen = []
+    teacher.get_submodule(LAYER).register_forward_hook(lambda _m, _i, out: seen.append(out.mean(dim=(2, 3))))
+    predict(teacher, dataset)
+    store = FeatureStore(folder.parent / "feature-store", metadata["fingerprint"], layers=[LAYER])
+    stored = store.get_outputs(dataset.keys, (layer_output(LAYER),))[layer_output(LAYER)]
+    assert stored.shape == (120, 16)
+    assert torch.allclose(stored, torch.cat(seen), atol=1e-5)
+
+    result = distill_flow.fn(str(folder))
+    assert result["training"]["loss_terms"] == ["hinton", "mse"]
+
+
+def test_unknown_teacher_layer_named(tmp_path, small_avdigits, two_teachers):
+    from mmkd.errors import ConfigError
+
+    source, _, _, _ = two_teachers
+    folder, _ = prepared_run(tmp_path, small_avdigits, "bad-layer", teacher={"checkpoint": str(source / "teacher.pt")},
+                             extract={"layers": ["encoders.audio.nothing"]})
+    teacher_flow.fn(str(folder))
+    with pytest.raises(ConfigError, match=r"the teacher has no module 'encoders.audio.nothing'; some of its modules: .*encoders.audio"):
+        extract_flow.fn(str(folder))

@@ -224,3 +224,44 @@ def test_speech_teacher_pipeline_exports(tmp_path, small_avdigits, tiny_wav2vec2
     assert report["teacher"]["max_abs_diff"] <= config.export.parity_max_abs_diff
     teacher = onnx.load(str(folder / "teacher.onnx"))
     assert [i.name for i in teacher.graph.input] == ["audio", "mask"]
+
+
+def test_clip_text_tower(tmp_path):
+    from mmkd.config import TextEncoderConfig
+    from mmkd.models.text import TextEncoder
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+                     "vocab_size": 100, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                       "image_size": 24, "patch_size": 8},
+        projection_dim=8,
+    )
+    torch.manual_seed(5)
+    reference = CLIPModel(config)
+    reference.save_pretrained(tmp_path)
+    encoder = TextEncoder(TextEncoderConfig(pretrained=str(tmp_path), pooling="mean", trainable_blocks=1), 8,
+                          vocab_size=0).eval()
+    assert type(encoder.transformer).__name__ == "CLIPTextModel"
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(6))
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        hidden = reference.text_model(input_ids=ids, attention_mask=attention).last_hidden_state
+        expected = encoder.proj((hidden * attention[..., None]).sum(1) / attention.sum(1, keepdim=True))
+        got = encoder(ids, attention)
+    assert torch.allclose(got, expected, atol=1e-5)
+    trainable = {name for name, p in encoder.transformer.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all(".layers.1." in f".{name}" for name in trainable)
+
+
+def test_vit_attention_pooling(tiny_vit):
+    folder, reference = tiny_vit
+    encoder = PretrainedImageEncoder(EncoderConfig(pretrained=str(folder), pooling="attention"), 8, IMAGE).eval()
+    x = images(2)
+    with torch.no_grad():
+        hidden = reference(pixel_values=expected_pixels(x, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))).last_hidden_state
+        weights = torch.softmax(encoder.attention.score(hidden).squeeze(-1), dim=1)
+        expected = encoder.proj((weights[..., None] * hidden).sum(1))
+        got = encoder(x)
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -148,8 +148,10 @@ class EncoderConfig(_Strict):
         None, ge=8, le=4096,
         description="Side the image is resized to inside the model; None takes the model's own (224 for torchvision).",
     )
-    pooling: Literal["cls", "mean"] = Field(
-        "cls", description="For transformers image models: first token or mean of tokens; speech models always take the mean.",
+    pooling: Literal["cls", "mean", "attention"] = Field(
+        "cls",
+        description="For transformers image models: first token, mean of tokens or learned attention over them; "
+        "speech models always take the mean.",
     )
     trainable_blocks: int | None = Field(
         None, ge=0, description="None trains every weight; N freezes the backbone except its last N blocks (0: frozen).",
@@ -206,10 +208,11 @@ class LossTerm(PluginChoice):
     """One named term of the distillation objective."""
 
     weight: float = Field(1.0, ge=0, le=1000, description="Weight of this term in the sum.")
-    teacher_features: Literal["fused", "image", "audio"] = Field(
+    teacher_features: str = Field(
         "fused",
-        description="The teacher embedding a feature term compares with: the fused one, or the teacher's "
-        "embedding of one modality (for a student that reads only that modality).",
+        description="The teacher features a feature term compares with: fused, the teacher's embedding of one "
+        "modality (image, audio, text; for a student that reads only that modality), or layer:MODULE for a "
+        "layer listed in extract.layers.",
     )
 
 
@@ -323,6 +326,11 @@ class ExtractConfig(_Strict):
         4096, ge=1, le=10**7, description="Rows per shard file; an interrupted extraction loses at most one shard's work.",
     )
     batch_size: int = Field(256, ge=1, le=65536, description="Rows per teacher forward pass.")
+    layers: list[str] = Field(
+        default_factory=list,
+        description="Teacher modules (names as in model.named_modules(), e.g. encoders.audio.encoder.stages.1) "
+        "whose outputs, averaged over all positions, are stored too; a loss term reads one as layer:MODULE.",
+    )
 
 
 class FinetuneConfig(_Strict):
@@ -527,10 +535,11 @@ class RunConfig(_Strict):
             )
         student_modalities = self.student_modalities
         for key, term in [*(("losses", t) for t in self.distill.losses), *(("alignment", t) for t in self.distill.alignment)]:
-            if term.teacher_features != "fused" and term.teacher_features not in self.data.modalities:
+            allowed = ["fused", *self.data.modalities, *(f"layer:{name}" for name in self.extract.layers)]
+            if term.teacher_features not in allowed:
                 raise ValueError(
                     f"distill.{key}: teacher_features {term.teacher_features!r} is not one of the teacher's modalities "
-                    f"{self.data.modalities}; use fused or one of them"
+                    f"{self.data.modalities}; use one of {', '.join(allowed)} (a layer must be listed in extract.layers)"
                 )
         for i, term in enumerate(self.distill.alignment):
             if term.modalities is None:

@@ -23,9 +23,9 @@ class DistillationObjective(nn.Module):
     with `modalities`, the student's embeddings of those two modalities on the rows that
     have both (read from `student.modality_features` after its forward pass).
 
-    A term with `teacher_features` set to a modality compares the student embedding with
-    the teacher's embedding of that modality, taken from `teacher_modality_embeddings`
-    (rows, modalities, width) in `teacher_modalities` order.
+    A term whose `teacher_features` is not "fused" compares the student embedding with the
+    tensor of that name in `teacher_targets` (rows, width): the teacher's embedding of one
+    modality, or a stored teacher layer ("layer:<module>").
     """
 
     def __init__(
@@ -38,24 +38,23 @@ class DistillationObjective(nn.Module):
         teacher_embeddings: torch.Tensor,
         alignment: list[AlignmentTerm] | None = None,
         student: MultimodalClassifier | None = None,
-        teacher_modality_embeddings: torch.Tensor | None = None,
-        teacher_modalities: list[str] | None = None,
+        teacher_targets: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         losses, aligners = get_registry("losses"), get_registry("alignment")
         alignment = alignment or []
-        self.targets: list[int | None] = []
+        teacher_targets = teacher_targets or {}
+        self.targets: list[str | None] = []
         for t in [*terms, *alignment]:
             if t.teacher_features == "fused":
                 self.targets.append(None)
-            elif teacher_modality_embeddings is None or t.teacher_features not in (teacher_modalities or []):
+            elif t.teacher_features not in teacher_targets:
                 raise ValueError(
-                    f"loss term {t.name!r} compares with the teacher's {t.teacher_features} embedding, but the stored "
-                    f"teacher outputs have modality embeddings for {teacher_modalities or 'no modality'}"
+                    f"loss term {t.name!r} compares with the teacher's {t.teacher_features} features, but the stored "
+                    f"teacher outputs have only {', '.join(['fused', *teacher_targets])}"
                 )
             else:
-                self.targets.append(teacher_modalities.index(t.teacher_features))  # type: ignore[union-attr]
-        modality_dim = teacher_dim if teacher_modality_embeddings is None else teacher_modality_embeddings.shape[2]
+                self.targets.append(t.teacher_features)
         if any(t.modalities for t in alignment) and student is None:
             raise ValueError("alignment terms between modalities need the student model; pass student=")
         # A tuple, so the student is not registered as a submodule of the objective.
@@ -71,7 +70,7 @@ class DistillationObjective(nn.Module):
         self.weights = [t.weight for t in [*terms, *alignment]]
         self.is_alignment = [False] * len(terms) + [True] * len(alignment)
         built = []
-        widths = [teacher_dim if target is None else modality_dim for target in self.targets]
+        widths = [teacher_dim if target is None else teacher_targets[target].shape[1] for target in self.targets]
         for t, width in zip(terms, widths[: len(terms)], strict=True):
             plugin = losses.get(t.name)
             built.append(plugin(plugin.Params(**t.params), student_dim=student_dim, teacher_dim=width))
@@ -86,7 +85,10 @@ class DistillationObjective(nn.Module):
         self.pairs = [None] * len(terms) + self.modality_pairs
         self.register_buffer("teacher_logits", teacher_logits)
         self.register_buffer("teacher_embeddings", teacher_embeddings)
-        self.register_buffer("teacher_modality_embeddings", teacher_modality_embeddings)
+        # Buffers, so the targets follow the objective to the training device.
+        self._target_buffers = {name: f"teacher_target_{i}" for i, name in enumerate(sorted(set(self.targets) - {None}))}
+        for name, buffer in self._target_buffers.items():
+            self.register_buffer(buffer, teacher_targets[name])
 
     def forward(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         logits, embedding = outputs
@@ -99,8 +101,8 @@ class DistillationObjective(nn.Module):
             labels=batch[1],
         )
         per_target = {None: inputs}
-        for target in set(self.targets) - {None}:
-            per_target[target] = replace(inputs, teacher_features=self.teacher_modality_embeddings[rows, target])
+        for target, buffer in self._target_buffers.items():
+            per_target[target] = replace(inputs, teacher_features=getattr(self, buffer)[rows])
         total = logits.new_zeros(())
         values = {}
         for name, weight, term, aligns, pair, target in zip(

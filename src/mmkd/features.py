@@ -8,6 +8,8 @@ so the preprocessing is part of the key as well. Each shard is a folder of .npy 
     logits.npy                 (rows, classes)
     embeddings.npy             (rows, fused width)
     modality_embeddings.npy    (rows, modalities, width), each modality's embedding
+    layer-<module>.npy         (rows, width), chosen teacher layers averaged over their
+                               positions, when the store was opened with `layers`
 
 A shard is written under a temporary name, synced, then renamed into place, so a shard
 that a killed extraction left half-written is never read, and extraction resumes after
@@ -19,6 +21,8 @@ rest. Readers take no lock; they see complete shards only.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -41,6 +45,11 @@ STALE_TEMP_SECONDS = 24 * 3600
 Outputs = dict[str, torch.Tensor]
 
 
+def layer_output(module: str) -> str:
+    """Return the store's output name for the averaged output of teacher module `module`."""
+    return f"layer-{module}"
+
+
 def _fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -56,13 +65,17 @@ class FeatureStore:
         root: Folder shared by every teacher's store.
         teacher_fingerprint: Hash of the teacher's weights and architecture.
         dtype: "float32", or "float16" to halve the disk space; outputs are returned as float32.
+        layers: Teacher modules whose averaged outputs are stored too; they are part of the
+            store's folder name, so a store never lacks a layer its users expect.
     """
 
-    def __init__(self, root: Path, teacher_fingerprint: str, *, dtype: str = "float32") -> None:
+    def __init__(self, root: Path, teacher_fingerprint: str, *, dtype: str = "float32", layers: list[str] | None = None) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"feature store dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         self.dtype = dtype
-        self.folder = Path(root) / f"{teacher_fingerprint}-{dtype}"
+        self.outputs = OUTPUTS + tuple(layer_output(name) for name in layers or [])
+        suffix = f"-layers-{hashlib.sha256(json.dumps(sorted(layers)).encode()).hexdigest()[:8]}" if layers else ""
+        self.folder = Path(root) / f"{teacher_fingerprint}-{dtype}{suffix}"
         self._index: dict[str, tuple[int, int]] = {}
         self._shards: list[dict[str, np.ndarray]] = []
         self._seen: set[str] = set()
@@ -75,7 +88,7 @@ class FeatureStore:
         for shard in sorted(p for p in self.folder.glob("shard-*") if p.is_dir()):
             if shard.name in self._seen:
                 continue
-            arrays = {name: np.load(shard / f"{name}.npy", mmap_mode="r") for name in OUTPUTS}
+            arrays = {name: np.load(shard / f"{name}.npy", mmap_mode="r") for name in self.outputs}
             keys = np.load(shard / "keys.npy")
             number = len(self._shards)
             self._shards.append(arrays)
@@ -100,7 +113,7 @@ class FeatureStore:
     def add(self, keys: list[str], outputs: Outputs) -> Path:
         """Write the outputs of `keys` as one new shard and return its folder.
 
-        `outputs` maps each name in OUTPUTS to a tensor whose first dimension matches `keys`.
+        `outputs` maps each of the store's output names to a tensor whose first dimension matches `keys`.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
@@ -108,7 +121,7 @@ class FeatureStore:
         temporary.mkdir()
         try:
             arrays = {"keys": np.asarray(keys, dtype=str)}
-            for output in OUTPUTS:
+            for output in self.outputs:
                 array = outputs[output].detach().cpu().numpy().astype(self.dtype)
                 if len(array) != len(keys):
                     raise ValueError(f"{output} has {len(array)} rows for {len(keys)} keys")
@@ -136,8 +149,9 @@ class FeatureStore:
         found = self.get_outputs(keys, ("logits", "embeddings"))
         return found["logits"], found["embeddings"]
 
-    def get_outputs(self, keys: list[str], names: tuple[str, ...] = OUTPUTS) -> Outputs:
-        """Return the stored outputs `names` for `keys`, in order, as float32 tensors."""
+    def get_outputs(self, keys: list[str], names: tuple[str, ...] | None = None) -> Outputs:
+        """Return the stored outputs `names` (by default all) for `keys`, in order, as float32 tensors."""
+        names = self.outputs if names is None else names
         missing = self.missing(keys)
         if missing:
             raise KeyError(
@@ -216,7 +230,7 @@ def extract(
             parts: list[Outputs] = [
                 run_teacher(shard_positions[i : i + batch_rows]) for i in range(0, len(shard_positions), batch_rows)
             ]
-            outputs = {name: torch.cat([part[name] for part in parts]) for name in OUTPUTS}
+            outputs = {name: torch.cat([part[name] for part in parts]) for name in store.outputs}
             store.add([keys[p] for p in shard_positions], outputs)
             written += len(shard_positions)
             if on_shard is not None:

@@ -138,6 +138,11 @@ class PretrainedImageEncoder(nn.Module):
             width = self.backbone.config.hidden_size if hasattr(self.backbone.config, "hidden_size") else \
                 self.backbone.config.hidden_sizes[-1]
         self.pooling = config.pooling
+        self.attention = None
+        if config.pooling == "attention" and self.kind == "transformers":
+            from mmkd.models.text import AttentionPooling
+
+            self.attention = AttentionPooling(width)
         self.input_size = config.input_size or size
         self.channels = image.channels
         self.register_buffer("data_mean", torch.tensor(image.mean))
@@ -171,6 +176,9 @@ class PretrainedImageEncoder(nn.Module):
         hidden = outputs.last_hidden_state
         if hidden.dim() == 4:  # convolutional transformers models: (batch, channels, height, width)
             return self.proj(hidden.mean(dim=(2, 3)))
+        if self.attention is not None:
+            tokens = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            return self.proj(self.attention(hidden, tokens))
         return self.proj(hidden[:, 0] if self.pooling == "cls" else hidden.mean(dim=1))
 
 

@@ -33,14 +33,16 @@ def _not_found(what: str, name: str, exc: Exception) -> ConfigError:
 
 
 def load_pretrained_model(name: str, *, allow_downloads: bool) -> nn.Module:
-    """Load a transformers AutoModel from a folder or hub id.
+    """Load a transformers AutoModel from a folder or hub id; for a CLIP model, its text tower.
 
     Raises:
         ConfigError: the model is neither a folder nor available without a download.
     """
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel, CLIPTextModel
 
     try:
+        if AutoConfig.from_pretrained(name, local_files_only=not allow_downloads).model_type == "clip":
+            return CLIPTextModel.from_pretrained(name, local_files_only=not allow_downloads)
         return AutoModel.from_pretrained(name, local_files_only=not allow_downloads)
     except OSError as exc:
         raise _not_found("pretrained model", name, exc) from None
