@@ -144,12 +144,13 @@ def test_unknown_torchvision_model():
         PretrainedImageEncoder(EncoderConfig(pretrained="torchvision:resnet19"), 8, IMAGE)
 
 
-def test_image_teacher_pipeline_exports(tmp_path, small_avdigits, prefect_server):
+def test_torchvision_teacher_and_student_export(tmp_path, small_avdigits, prefect_server):
     config_path = write_config(
         tmp_path / "configs", small_avdigits,
         data={"manifest": str(small_avdigits), "modalities": ["image"]},
         teacher={"image_encoder": {"pretrained": "torchvision:resnet18", "input_size": 32}, "embed_dim": 16,
                  "fusion": {"name": "concat"}},
+        student={"image_encoder": {"pretrained": "torchvision:mobilenet_v3_small", "input_size": 32}},
     )
     config = load_config(config_path)
     folder = tmp_path / "run"
@@ -158,10 +159,11 @@ def test_image_teacher_pipeline_exports(tmp_path, small_avdigits, prefect_server
     for stage in (teacher_flow, extract_flow, distill_flow, finetune_flow):
         stage.fn(str(folder))
     report = export_flow.fn(str(folder))
-    assert report["teacher"]["max_abs_diff"] <= config.export.parity_max_abs_diff
-    teacher = onnx.load(str(folder / "teacher.onnx"))
-    assert [i.name for i in teacher.graph.input] == ["image", "mask"]
-    assert any(node.op_type == "Resize" for node in teacher.graph.node)
+    for role in ("teacher", "student"):
+        assert report[role]["max_abs_diff"] <= config.export.parity_max_abs_diff
+        exported = onnx.load(str(folder / f"{role}.onnx"))
+        assert [i.name for i in exported.graph.input] == ["image", "mask"]
+        assert any(node.op_type == "Resize" for node in exported.graph.node)
 
 
 @pytest.fixture(scope="module")
