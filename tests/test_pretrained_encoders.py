@@ -267,3 +267,36 @@ def test_vit_attention_pooling(tiny_vit):
         expected = encoder.proj((weights[..., None] * hidden).sum(1))
         got = encoder(x)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_ast(tmp_path_factory):
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    folder = tmp_path_factory.mktemp("ast")
+    torch.manual_seed(7)
+    ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       num_mel_bins=32, max_length=64)).save_pretrained(folder)
+    ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(folder)
+    return folder
+
+
+def test_ast_filter_bank_matches_extractor(tiny_ast):
+    from transformers import ASTFeatureExtractor, ASTModel
+
+    from mmkd.config import AudioConfig
+    from mmkd.models.pretrained import PretrainedAudioEncoder
+
+    encoder = PretrainedAudioEncoder(EncoderConfig(pretrained=str(tiny_ast)), 8, AudioConfig(sample_rate_hz=16000)).eval()
+    # 0.5 s gives 48 frames, padded to 64; 0.8 s gives 78, cut to 64.
+    for samples in (8000, 12800):
+        waveform = torch.randn(2, samples, generator=torch.Generator().manual_seed(samples)) * 0.1
+        extractor = ASTFeatureExtractor.from_pretrained(tiny_ast)
+        expected = extractor(list(waveform.numpy()), sampling_rate=16000, return_tensors="pt")["input_values"]
+        got = encoder.adapt(waveform)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-4)
+    reference = ASTModel.from_pretrained(tiny_ast).eval()
+    with torch.no_grad():
+        hidden = reference(input_values=expected).last_hidden_state
+        assert torch.allclose(encoder(waveform), encoder.proj(hidden.mean(dim=1)), atol=1e-3)

@@ -209,12 +209,51 @@ def _transformers_vision(name: str, allow_downloads: bool) -> tuple[nn.Module, t
     return model, (mean, std, int(side))
 
 
+class KaldiFilterBank(nn.Module):
+    """The log mel filter bank of the Audio Spectrogram Transformer's feature extractor, in torch.
+
+    Frames of 400 samples every 160 have their mean removed, are pre-emphasised (0.97),
+    windowed with the extractor's window and transformed (512-point DFT, as two matrix
+    products so that any ONNX opset can run it). The power spectrum goes through the
+    extractor's own mel filters, is floored and logged, cut or zero-padded to its
+    `max_length` frames, and normalised with its mean and twice its standard deviation.
+    """
+
+    FRAME, HOP, FFT, PREEMPHASIS, FLOOR = 400, 160, 512, 0.97, 1.192092955078125e-07
+
+    def __init__(self, extractor) -> None:
+        super().__init__()
+        import numpy as np
+
+        bins = self.FFT // 2 + 1
+        phase = 2.0 * np.pi * np.arange(bins)[None, :] * np.arange(self.FRAME)[:, None] / self.FFT
+        window = np.asarray(extractor.window, dtype=np.float64)[:, None]
+        self.register_buffer("cos", torch.from_numpy((np.cos(phase) * window).astype(np.float32)))
+        self.register_buffer("sin", torch.from_numpy((np.sin(phase) * window).astype(np.float32)))
+        self.register_buffer("mel", torch.from_numpy(np.asarray(extractor.mel_filters, dtype=np.float32)))
+        self.max_length = int(extractor.max_length)
+        self.mean, self.std = float(extractor.mean), float(extractor.std)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        frames = waveform.unfold(1, self.FRAME, self.HOP)
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+        frames = torch.cat([frames[..., :1] * (1 - self.PREEMPHASIS),
+                            frames[..., 1:] - self.PREEMPHASIS * frames[..., :-1]], dim=-1)
+        power = (frames @ self.cos) ** 2 + (frames @ self.sin) ** 2
+        fbank = torch.log(torch.clamp(power @ self.mel, min=self.FLOOR))
+        missing = self.max_length - fbank.shape[1]
+        fbank = nn.functional.pad(fbank, (0, 0, 0, missing)) if missing > 0 else fbank[:, : self.max_length]
+        return (fbank - self.mean) / (self.std * 2)
+
+
 class PretrainedAudioEncoder(nn.Module):
-    """A transformers speech model (wav2vec2, HuBERT, WavLM, ...) over the raw waveform.
+    """A transformers audio model over the recording: speech models (wav2vec2, HuBERT, ...) or AST.
 
     The waveform is resampled inside the model to the feature extractor's rate by linear
-    interpolation, then normalised per recording to zero mean and unit variance when the
-    extractor does so. The frames' hidden states are averaged and projected to `embed_dim`.
+    interpolation. A speech model then gets it normalised per recording to zero mean and
+    unit variance when its extractor does so; the Audio Spectrogram Transformer gets its
+    extractor's filter bank (`KaldiFilterBank`). The hidden states are averaged and
+    projected to `embed_dim`.
     """
 
     def __init__(self, config: EncoderConfig, embed_dim: int, audio: AudioConfig, *, allow_downloads: bool = False) -> None:
@@ -230,7 +269,8 @@ class PretrainedAudioEncoder(nn.Module):
         except OSError as exc:
             raise _not_found("pretrained audio model", name, exc) from None
         self.scale = extractor.sampling_rate / audio.sample_rate_hz
-        self.normalize = bool(getattr(extractor, "do_normalize", False))
+        self.filter_bank = KaldiFilterBank(extractor) if hasattr(extractor, "mel_filters") else None
+        self.normalize = self.filter_bank is None and bool(getattr(extractor, "do_normalize", False))
         self.proj = nn.Linear(self.backbone.config.hidden_size, embed_dim)
         if config.trainable_blocks is not None:
             for parameter in self.backbone.parameters():
@@ -246,6 +286,8 @@ class PretrainedAudioEncoder(nn.Module):
         if self.scale != 1.0:
             x = nn.functional.interpolate(x.unsqueeze(1), scale_factor=self.scale, mode="linear",
                                           align_corners=False).squeeze(1)
+        if self.filter_bank is not None:
+            return self.filter_bank(x)
         if self.normalize:
             mean = x.mean(dim=1, keepdim=True)
             variance = x.var(dim=1, keepdim=True, unbiased=False)
