@@ -251,7 +251,7 @@ class PretrainedAudioEncoder(nn.Module):
 
     The waveform is resampled inside the model to the feature extractor's rate by linear
     interpolation. A speech model then gets it normalised per recording to zero mean and
-    unit variance when its extractor does so; the Audio Spectrogram Transformer gets its
+    unit variance when its extractor does so. The Audio Spectrogram Transformer gets its
     extractor's filter bank (`KaldiFilterBank`). The hidden states are averaged and
     projected to `embed_dim`.
     """
