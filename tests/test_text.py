@@ -220,3 +220,18 @@ def test_predict_one_text(text_run):
     (prediction,) = json.loads(result.stdout)
     assert set(prediction["probabilities"]) == set(TOPIC_WORDS)
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_text_keys_ignore_padding(tmp_path):
+    import yaml
+
+    build_topics(tmp_path / "data", rows_per_topic=3, seed=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TEXT_CONFIG))
+    config = load_config(tmp_path / "config.yaml")
+    before = load_dataset(config.data)
+    manifest = config.data.manifest
+    with manifest.open("a", encoding="utf-8") as handle:
+        handle.write("long-1,sport,train," + " ".join(["the referee blew the whistle again"] * 4) + "\n")
+    after = load_dataset(config.data)
+    assert after.inputs["input_ids"].shape[1] > before.inputs["input_ids"].shape[1]
+    assert after.keys[: len(before)] == before.keys

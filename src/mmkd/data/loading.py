@@ -212,8 +212,10 @@ def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
     if "text" in data.modalities:
         column = data.modalities.index("text")
         inputs.update(tokenize(texts, data))
-        for digest, ids, present in zip(digests, inputs["input_ids"].numpy(), mask[:, column], strict=True):
-            digest.update(b"text" + ids.tobytes() if present else b"text:absent")
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        for digest, ids, length, present in zip(digests, inputs["input_ids"].numpy(), lengths, mask[:, column], strict=True):
+            # Only the row's own tokens: padding depends on the longest row, which appended rows change.
+            digest.update(b"text" + ids[:length].tobytes() if present else b"text:absent")
         preprocessing["text"] = {"tokenizer": data.text.tokenizer, "max_length": data.text.max_length}
     keys = [digest.hexdigest()[:32] for digest in digests]
     logger.info("Decoded %d rows (%s) from %s", len(frame), ", ".join(data.modalities), manifest.path)
