@@ -78,7 +78,7 @@ def test_student_ignores_the_images_it_will_not_have(audio_only_run):
     assert torch.equal(predict(student, noisy)[0], predict(student, test)[0])
 
 
-def test_onnx_student_takes_audio_and_a_one_column_mask(audio_only_run):
+def test_onnx_student_audio_inputs_only(audio_only_run):
     folder, _, report = audio_only_run
     student = onnx.load(str(folder / "student.onnx"))
     inputs = {i.name: i for i in student.graph.input}
@@ -98,7 +98,7 @@ def test_student_modality_outside_the_data_is_refused(tmp_path):
         config_from_dict(raw, base_dir=tmp_path)
 
 
-def test_alignment_across_a_modality_the_student_lacks_is_refused(tmp_path):
+def test_alignment_missing_modality_rejected(tmp_path):
     raw = {
         **TINY_CONFIG, "data": {"manifest": "m.csv"}, "student": {"modalities": ["audio"]},
         "distill": {"alignment": [{"name": "clip", "modalities": ["image", "audio"]}]},

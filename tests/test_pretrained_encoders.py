@@ -144,21 +144,25 @@ def test_unknown_torchvision_model():
         PretrainedImageEncoder(EncoderConfig(pretrained="torchvision:resnet19"), 8, IMAGE)
 
 
-def test_torchvision_teacher_and_student_export(tmp_path, small_avdigits, prefect_server):
-    config_path = write_config(
-        tmp_path / "configs", small_avdigits,
-        data={"manifest": str(small_avdigits), "modalities": ["image"]},
-        teacher={"image_encoder": {"pretrained": "torchvision:resnet18", "input_size": 32}, "embed_dim": 16,
-                 "fusion": {"name": "concat"}},
-        student={"image_encoder": {"pretrained": "torchvision:mobilenet_v3_small", "input_size": 32}},
-    )
-    config = load_config(config_path)
+def export_after_training(tmp_path, manifest, modality: str, **changes):
+    """Run the stages up to export on one modality of `manifest`; return the config, run folder and export report."""
+    config = load_config(write_config(tmp_path / "configs", manifest, data={"manifest": str(manifest), "modalities": [modality]},
+                                      **changes))
     folder = tmp_path / "run"
     folder.mkdir()
     save_config(config, folder / "config.yaml")
     for stage in (teacher_flow, extract_flow, distill_flow, finetune_flow):
         stage.fn(str(folder))
-    report = export_flow.fn(str(folder))
+    return config, folder, export_flow.fn(str(folder))
+
+
+def test_torchvision_teacher_and_student_export(tmp_path, small_avdigits, prefect_server):
+    config, folder, report = export_after_training(
+        tmp_path, small_avdigits, "image",
+        teacher={"image_encoder": {"pretrained": "torchvision:resnet18", "input_size": 32}, "embed_dim": 16,
+                 "fusion": {"name": "concat"}},
+        student={"image_encoder": {"pretrained": "torchvision:mobilenet_v3_small", "input_size": 32}},
+    )
     for role in ("teacher", "student"):
         assert report[role]["max_abs_diff"] <= config.export.parity_max_abs_diff
         exported = onnx.load(str(folder / f"{role}.onnx"))
@@ -211,18 +215,10 @@ def test_speech_model_resamples_to_its_rate(tiny_wav2vec2):
 
 
 def test_speech_teacher_pipeline_exports(tmp_path, small_avdigits, tiny_wav2vec2, prefect_server):
-    config_path = write_config(
-        tmp_path / "configs", small_avdigits,
-        data={"manifest": str(small_avdigits), "modalities": ["audio"]},
+    config, folder, report = export_after_training(
+        tmp_path, small_avdigits, "audio",
         teacher={"audio_encoder": {"pretrained": str(tiny_wav2vec2)}, "embed_dim": 16, "fusion": {"name": "concat"}},
     )
-    config = load_config(config_path)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    save_config(config, folder / "config.yaml")
-    for stage in (teacher_flow, extract_flow, distill_flow, finetune_flow):
-        stage.fn(str(folder))
-    report = export_flow.fn(str(folder))
     assert report["teacher"]["max_abs_diff"] <= config.export.parity_max_abs_diff
     teacher = onnx.load(str(folder / "teacher.onnx"))
     assert [i.name for i in teacher.graph.input] == ["audio", "mask"]

@@ -177,7 +177,7 @@ class TextEncoderConfig(_Strict):
     hidden_size: int = Field(128, ge=8, le=4096, description="Width of a new encoder.")
     heads: int = Field(2, ge=1, le=64, description="Attention heads of a new encoder; must divide hidden_size.")
     intermediate_size: int | None = Field(None, ge=8, le=16384, description="Feed-forward width; None is 4 x hidden_size.")
-    max_positions: int = Field(512, ge=8, le=8192, description="Longest token sequence a new encoder accepts.")
+    max_positions: int = Field(512, ge=8, le=8192, description="Maximum number of tokens a new encoder accepts.")
     init_from_layers: list[int] | None = Field(
         None,
         description="Teacher blocks (0-based) copied into a new encoder's blocks, with the embeddings, as "
@@ -317,7 +317,7 @@ class DistillConfig(_Strict):
 
 
 class ExtractConfig(_Strict):
-    """How the teacher's outputs are computed and kept in the feature store."""
+    """Teacher output extraction: storage type, shard and batch sizes, and stored layers."""
 
     dtype: Literal["float32", "float16"] = Field(
         "float32", description="Storage type of the outputs; float16 halves the disk space and rounds each value.",

@@ -85,9 +85,9 @@ def _rename_outputs(graph: onnx.GraphProto, names: list[str]) -> None:
             if value.name == old:
                 value.name = new
 
-    taken = {name for node in graph.node for name in node.output}
+    produced = {name for node in graph.node for name in node.output}
     for name in names:
-        if name in taken and name not in [o.name for o in graph.output]:
+        if name in produced and name not in [o.name for o in graph.output]:
             rename(name, f"{name}_inner")
     for output, name in zip(list(graph.output), names, strict=True):
         if output.name != name:

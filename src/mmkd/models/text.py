@@ -22,10 +22,10 @@ from mmkd.errors import ConfigError
 TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
-def _not_found(what: str, name: str, exc: Exception) -> ConfigError:
+def _not_found(kind: str, name: str, exc: Exception) -> ConfigError:
     cache = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
     return ConfigError(
-        f"{what} {name!r} was not found: it is not a local folder, and downloads are off, so only the Hugging Face "
+        f"{kind} {name!r} was not found: it is not a local folder, and downloads are off, so only the Hugging Face "
         f"cache ({cache}) was searched ({type(exc).__name__}: {str(exc).splitlines()[0]}). Point the config at a "
         "folder holding config.json and the weights (or tokenizer files), copy the model into that cache, or set "
         "allow_downloads: true with HF_HUB_OFFLINE=0 in the environment."
@@ -100,12 +100,12 @@ class AttentionPooling(nn.Module):
         return (weights * hidden).sum(dim=1)
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str, attention: AttentionPooling | None) -> torch.Tensor:
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str, attention: AttentionPooling | None) -> torch.Tensor:
     """Reduce (batch, tokens, width) hidden states to (batch, width)."""
     mask = attention_mask.bool()
-    if how == "cls":
+    if method == "cls":
         return hidden[:, 0]
-    if how == "attention":
+    if method == "attention":
         return attention(hidden, mask)  # type: ignore[misc]
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     # A row without tokens (its text is missing) gets zeros rather than a division by zero.
