@@ -13,6 +13,10 @@ kept in the report.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,17 @@ class _BatchReader(CalibrationDataReader):
         return next(self._batches, None)
 
 
+@contextmanager
+def _working_folder(folder: Path) -> Iterator[None]:
+    """Run the block with `folder` as the current folder, then return to the previous one."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def make_variant(kind: str, source: Path, target: Path, calibration: TensorDataset) -> Path:
     """Write variant `kind` of the float32 model `source` to `target`.
 
@@ -83,7 +98,10 @@ def make_variant(kind: str, source: Path, target: Path, calibration: TensorDatas
     # Quantization wants shapes inferred and the graph folded first.
     prepared = target.with_name(f".{target.stem}.prepared.onnx")
     try:
-        quant_pre_process(str(source), str(prepared))
+        # When symbolic shape inference fails, ONNX Runtime dumps the model into the current
+        # folder; a temporary one keeps that dump out of the user's.
+        with tempfile.TemporaryDirectory(prefix="mmkd-quant-") as scratch, _working_folder(Path(scratch)):
+            quant_pre_process(str(source), str(prepared))
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises a bare Exception here
         # Symbolic shape inference does not cover every graph (transformers' attention masks);
         # ONNX's own shape inference is enough for quantization.
