@@ -89,3 +89,37 @@ def write_config(folder: Path, manifest: Path, **changes) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+# Run mmkd's CLI in a fresh interpreter where importing torch or Prefect fails, as where neither is installed.
+WITHOUT_TORCH_OR_PREFECT = (
+    "import sys; sys.modules['torch'] = None; sys.modules['prefect'] = None; "
+    "from mmkd.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def predict_without_torch(model: Path, manifest: Path, out: Path) -> list[dict]:
+    """Run `mmkd predict MODEL --manifest MANIFEST --out OUT` without torch or Prefect; return the predictions."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH_OR_PREFECT, "predict", str(model), "--manifest", str(manifest),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+def onnx_probabilities(model: Path, dataset):
+    """Return the ONNX model's logits for every row of `dataset` and their softmax, computed here."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mmkd.onnx_export import run_onnx
+
+    logits, _ = run_onnx(ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]), dataset)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    return logits, probabilities / probabilities.sum(1, keepdims=True)

@@ -23,9 +23,8 @@ from mmkd.flows.extract import extract_flow
 from mmkd.flows.finetune import finetune_flow
 from mmkd.flows.teacher import teacher_flow
 from mmkd.models.multimodal import count_parameters
-from mmkd.onnx_export import run_onnx
 
-from conftest import write_config
+from conftest import onnx_probabilities, predict_without_torch, write_config
 
 BENCHMARK_KEYS = {"model", "engine", "provider", "batch_size", "audio_samples", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s", "peak_mib"}
 
@@ -163,33 +162,13 @@ def test_export_flow_writes_checked_onnx_models_that_match_pytorch(run_dir):
         assert all(producers.get(n.input[0]) != "DequantizeLinear" for n in nodes if n.op_type == "Log")
 
 
-# Run in a fresh interpreter where importing torch or Prefect fails, as where neither is installed.
-WITHOUT_TORCH_OR_PREFECT = (
-    "import sys; sys.modules['torch'] = None; sys.modules['prefect'] = None; "
-    "from mmkd.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
 def test_predict_without_torch_matches_export(run_dir, tmp_path):
-    import subprocess
-    import sys
-
     config = load_config(run_dir / "config.yaml")
-    out = tmp_path / "predictions.json"
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TORCH_OR_PREFECT, "predict", str(run_dir), "--manifest", str(config.data.manifest),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    predictions = json.loads(out.read_text())
+    predictions = predict_without_torch(run_dir, config.data.manifest, tmp_path / "predictions.json")
 
     # The pipeline's own ONNX outputs on the same rows, decoded by the training loader.
     dataset = load_dataset(config.data)
-    session = ort.InferenceSession(str(run_dir / "student.onnx"), providers=["CPUExecutionProvider"])
-    logits, _ = run_onnx(session, dataset)
-    expected = np.exp(logits - logits.max(1, keepdims=True))
-    expected /= expected.sum(1, keepdims=True)
+    logits, expected = onnx_probabilities(run_dir / "student.onnx", dataset)
     assert [p["id"] for p in predictions] == dataset.ids
     assert [p["label"] for p in predictions] == [dataset.classes[i] for i in logits.argmax(1)]
     got = np.array([[p["probabilities"][label] for label in dataset.classes] for p in predictions])

@@ -29,7 +29,8 @@ from mmkd.flows.finetune import finetune_flow
 from mmkd.flows.teacher import teacher_flow
 from mmkd.flows.validate import validate_flow
 from mmkd.models.text import TextEncoder, load_pretrained_model, load_tokenizer, pool
-from mmkd.onnx_export import run_onnx
+
+from conftest import onnx_probabilities, predict_without_torch
 
 MINILM = str(get_model_path())
 
@@ -203,19 +204,10 @@ def test_benchmark_rows_record_tokens(text_run):
 
 def test_predict_text_without_torch(text_run, tmp_path):
     folder, config, _, _, _ = text_run
-    script = ("import sys; sys.modules['torch'] = None; sys.modules['prefect'] = None; "
-              "from mmkd.cli import main; sys.exit(main(sys.argv[1:]))")
-    out = tmp_path / "predictions.json"
-    result = subprocess.run([sys.executable, "-c", script, "predict", str(folder), "--manifest",
-                             str(config.data.manifest), "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr
-    predictions = json.loads(out.read_text())
+    predictions = predict_without_torch(folder, config.data.manifest, tmp_path / "predictions.json")
 
     dataset = load_dataset(config.data)
-    session = ort.InferenceSession(str(folder / "student.onnx"), providers=["CPUExecutionProvider"])
-    logits, _ = run_onnx(session, dataset)
-    expected = np.exp(logits - logits.max(1, keepdims=True))
-    expected /= expected.sum(1, keepdims=True)
+    _, expected = onnx_probabilities(folder / "student.onnx", dataset)
     got = np.array([[p["probabilities"][label] for label in dataset.classes] for p in predictions])
     assert [p["id"] for p in predictions] == dataset.ids
     assert np.abs(got - expected).max() <= 1e-5
