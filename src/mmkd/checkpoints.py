@@ -61,7 +61,7 @@ def save_checkpoint(path: Path, model: MultimodalClassifier, config: RunConfig, 
 
 def load_checkpoint(path: Path, config: RunConfig) -> tuple[MultimodalClassifier, dict]:
     """Rebuild a model from a checkpoint written by `save_checkpoint`."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     metadata = payload["metadata"]
     architecture = ModelConfig.model_validate(metadata["architecture"])
     model_config = TeacherConfig(**architecture.model_dump()) if metadata["role"] == "teacher" else StudentConfig(**architecture.model_dump())

@@ -16,15 +16,28 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` and rename the temporary file onto `path`."""
+def atomic_write(path: Path, write: Callable[[Path], None], *, durable: bool = False) -> Path:
+    """Call `write(tmp_path)` and rename the temporary file onto `path`.
+
+    With `durable`, the file's bytes and then the rename are synced to disk, so that the
+    file survives a power cut as well as a killed process.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        if durable:
+            with open(tmp, "rb+") as stream:
+                os.fsync(stream.fileno())
         os.replace(tmp, path)
+        if durable:
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -42,10 +55,10 @@ def atomic_write_json(path: Path, data: Any) -> Path:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> Path:
-    """Save a torch object to `path` atomically."""
+    """Save a torch object to `path` atomically and synced to disk."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
 def new_run_dir(out_dir: Path, name: str) -> Path:
@@ -60,6 +73,26 @@ def new_run_dir(out_dir: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a new run folder under {out_dir}")
+
+
+def unfinished_run(out_dir: Path, config_fingerprint: str, *, finished_file: str = "metrics.json") -> Path | None:
+    """Return the newest run folder under `out_dir` started with this config that did not finish, if any.
+
+    A run folder records its config's fingerprint in run.json when it starts and gets
+    `finished_file` when it is done. A folder with the first and not the second was
+    stopped, by a kill or an error, before the end.
+    """
+    for run_dir in sorted((p for p in Path(out_dir).glob("*/run.json")), reverse=True):
+        folder = run_dir.parent
+        if folder.is_symlink() or (folder / finished_file).exists():
+            continue
+        try:
+            started = json.loads(run_dir.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if started.get("config_fingerprint") == config_fingerprint:
+            return folder
+    return None
 
 
 def sha256_of_file(path: Path, *, block_bytes: int = 1 << 20) -> str:

@@ -146,7 +146,7 @@ def decode_to_cache(data: DataConfig, cache_dir: Path) -> Path:
 
 def load_decoded(path: Path) -> TensorDataset:
     """Load a tensor file that `decode_to_cache` wrote."""
-    return TensorDataset(**torch.load(path, weights_only=False))
+    return TensorDataset(**torch.load(path, weights_only=True))
 
 
 def load_dataset(data: DataConfig, *, cache_dir: Path | None = None) -> TensorDataset:
