@@ -117,7 +117,7 @@ def epoch_ratio(rows: int, repeats: int) -> dict:
     from mmkd.data.loading import TensorDataset
     from mmkd.distillation import DistillationObjective
     from mmkd.features import FeatureStore, extract
-    from mmkd.training import cross_entropy_loss, fit
+    from mmkd.training import Runtime, cross_entropy_loss, fit
 
     torch.set_num_threads(2)
     config = demo_config()
@@ -135,7 +135,7 @@ def epoch_ratio(rows: int, repeats: int) -> dict:
         times: dict[str, list[float]] = {"distill": [], "supervised": []}
         # An untimed first epoch, so that neither kind pays for the process's first-call costs.
         fit(build_model(config, "student", config.data.classes), data, val, one_epoch, cross_entropy_loss,
-            stage="warm-up", seed=0, device=torch.device("cpu"))
+            stage="warm-up", seed=0, runtime=Runtime())
         for _ in range(repeats):
             for kind in ("supervised", "distill"):
                 torch.manual_seed(0)
@@ -148,10 +148,10 @@ def epoch_ratio(rows: int, repeats: int) -> dict:
                         teacher_logits=logits, teacher_embeddings=embeddings,
                     )
                     fit(student, data, val, one_epoch, objective, stage="distill", seed=0,
-                        device=torch.device("cpu"), extra_modules=[objective])
+                        runtime=Runtime(), extra_modules=[objective])
                 else:
                     fit(student, data, val, one_epoch, cross_entropy_loss, stage="supervised", seed=0,
-                        device=torch.device("cpu"))
+                        runtime=Runtime())
                 times[kind].append(time.perf_counter() - started)
     medians = {kind: statistics.median(values) for kind, values in times.items()}
     return {"rows": rows, "distill_s": medians["distill"], "supervised_s": medians["supervised"],

@@ -12,9 +12,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 
+from mmkd.augment import Augmenter
 from mmkd.config import RunConfig, load_config
 from mmkd.data.loading import TensorDataset, decode_to_cache, load_decoded
 from mmkd.features import FeatureStore
+from mmkd.train_state import TrainingState
 
 # A worker's flow run process sets up logging before it imports mmkd, leaving mmkd's logger
 # at the root's WARNING level. INFO keeps the per-epoch lines in the run's logs.
@@ -68,6 +70,12 @@ class RunPaths:
     def tensor_cache(self) -> Path:
         return self.run_dir.parent / "cache"
 
+    def training_state(self, stage: str, config: RunConfig) -> TrainingState:
+        """The resumable state of one training stage: teacher, distill, finetune or baseline."""
+        # The number of processes changes no result, so a stage killed under torchrun may resume in one process.
+        one_process = config.model_copy(update={"distill": config.distill.model_copy(update={"nproc": 1})})
+        return TrainingState(self.run_dir / "checkpoints" / stage, stage=stage, config_hash=one_process.fingerprint())
+
     def feature_store(self, config: RunConfig) -> Path:
         return config.feature_store or self.run_dir.parent / "feature-store"
 
@@ -105,6 +113,11 @@ def open_store(paths: RunPaths, config: RunConfig, teacher_fingerprint: str, *, 
     """Open a teacher's feature store at the configured dtype; the run's own teacher's also keeps extract.layers."""
     layers = list(config.extract.layers) if own_teacher else None
     return FeatureStore(paths.feature_store(config), teacher_fingerprint, dtype=config.extract.dtype, layers=layers)
+
+
+def augmenter_for(config: RunConfig, model) -> Augmenter:
+    """The run's augmentation of training rows, for `model`'s modalities."""
+    return Augmenter(config.augment, list(model.modalities), config.data.image, config.data.audio.hop_length)
 
 
 def seed_everything(seed: int) -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from mmkd.flows._common import EpochProgress, RunPaths, augmenter_for, flow_logger, load_run_inputs, seed_everything
+from mmkd.flows.distill import STUDENT_SEED_OFFSET
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from mmkd.checkpoints import build_model, load_checkpoint, save_checkpoint
 from mmkd.config import RunConfig, TrainConfig
 from mmkd.data.loading import TensorDataset
-from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_inputs, seed_everything
-from mmkd.flows.distill import STUDENT_SEED_OFFSET
-from mmkd.training import classification_metrics, cross_entropy_loss, fit, predict, resolve_device
+from mmkd.training import Runtime, classification_metrics, fit, predict, supervised_loss
 
 
 def baseline_budget(config: RunConfig) -> TrainConfig:
@@ -25,15 +25,20 @@ def baseline_budget(config: RunConfig) -> TrainConfig:
 def train_baseline(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -> dict:
     """Train the student architecture on labels only, from the student's initial weights."""
     seed_everything(config.seed + STUDENT_SEED_OFFSET)
-    device = resolve_device(config.device)
-    baseline = build_model(config, "baseline", dataset.classes).to(device)
+    runtime = Runtime.from_config(config)
+    baseline = build_model(config, "baseline", dataset.classes).to(runtime.device)
     progress = EpochProgress("baseline", baseline_budget(config).epochs)
+    state = paths.training_state("baseline", config)
+    schedule = baseline_budget(config)
     result = fit(
-        baseline, dataset.subset("train"), dataset.subset("val"), baseline_budget(config), cross_entropy_loss,
-        stage="baseline", on_epoch=progress, seed=config.seed + 1, device=device,
+        baseline, dataset.subset("train"), dataset.subset("val"), schedule, supervised_loss(schedule.label_smoothing),
+        stage="baseline", on_epoch=progress, seed=config.seed + 1, runtime=runtime, state=state,
+        augmenter=augmenter_for(config, baseline),
     )
     progress.finish(result.epochs_run)
-    return save_checkpoint(paths.baseline, baseline.cpu(), config, "baseline", dataset.classes, training=result.summary())
+    saved = save_checkpoint(paths.baseline, baseline.cpu(), config, "baseline", dataset.classes, training=result.summary())
+    state.discard()
+    return saved
 
 
 @flow(name="evaluate", description="Test-split accuracy, macro-F1 and per-class scores of teacher, student and baseline.")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from mmkd.flows._common import EpochProgress, augmenter_for, flow_logger, load_run_inputs
 from prefect import flow
 
 from mmkd.checkpoints import load_checkpoint, save_checkpoint
-from mmkd.flows._common import EpochProgress, flow_logger, load_run_inputs
-from mmkd.training import cross_entropy_loss, fit, predict, resolve_device
+from mmkd.training import Runtime, fit, predict, supervised_loss
 
 
 @flow(name="finetune", description="Finetune the distilled student on labels, early-stopped on validation.")
@@ -21,11 +21,14 @@ def finetune_flow(run_dir: str) -> dict:
     before = float((predict(student, val)[0].argmax(1) == val.labels).float().mean())
     initial_state = {k: v.clone() for k, v in student.state_dict().items()}
 
-    device = resolve_device(config.device)
+    runtime = Runtime.from_config(config)
     progress = EpochProgress("finetune", config.finetune.train.epochs)
+    state = paths.training_state("finetune", config)
+    schedule = config.finetune.train
     result = fit(
-        student.to(device), train, val, config.finetune.train, cross_entropy_loss,
-        stage="finetune", on_epoch=progress, seed=config.seed + 2, device=device,
+        student.to(runtime.device), train, val, schedule, supervised_loss(schedule.label_smoothing),
+        stage="finetune", on_epoch=progress, seed=config.seed + 2, runtime=runtime, state=state,
+        augmenter=augmenter_for(config, student),
     )
     progress.finish(result.epochs_run)
     kept = result.best_val_accuracy > before
@@ -37,4 +40,5 @@ def finetune_flow(run_dir: str) -> dict:
         "finetune": {**result.summary(), "val_accuracy_before": before, "kept": kept},
     }
     saved = save_checkpoint(paths.student, student.cpu(), config, "student", dataset.classes, training=training)
+    state.discard()
     return {"params": saved["params"], "training": training}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import shutil
 
+from mmkd.flows._common import EpochProgress, RunPaths, augmenter_for, flow_logger, load_run_inputs, seed_everything
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from mmkd.checkpoints import build_model, load_checkpoint, save_checkpoint
 from mmkd.config import RunConfig
 from mmkd.data.loading import TensorDataset
-from mmkd.flows._common import EpochProgress, RunPaths, flow_logger, load_run_inputs, seed_everything
-from mmkd.training import classification_metrics, cross_entropy_loss, fit, predict, resolve_device
+from mmkd.training import Runtime, classification_metrics, fit, predict, supervised_loss
 
 
 @task(name="train-teacher", description="Train the teacher; a failed epoch fails the run, never retried.",
@@ -19,15 +19,20 @@ from mmkd.training import classification_metrics, cross_entropy_loss, fit, predi
 def train_teacher(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -> dict:
     """Train the teacher on the train split, early-stopped on validation accuracy."""
     seed_everything(config.seed)
-    device = resolve_device(config.device)
-    model = build_model(config, "teacher", dataset.classes).to(device)
+    runtime = Runtime.from_config(config)
+    model = build_model(config, "teacher", dataset.classes).to(runtime.device)
     progress = EpochProgress("teacher", config.teacher.train.epochs)
+    state = paths.training_state("teacher", config)
+    schedule = config.teacher.train
     result = fit(
-        model, dataset.subset("train"), dataset.subset("val"), config.teacher.train, cross_entropy_loss,
-        stage="teacher", on_epoch=progress, seed=config.seed, device=device,
+        model, dataset.subset("train"), dataset.subset("val"), schedule, supervised_loss(schedule.label_smoothing),
+        stage="teacher", on_epoch=progress, seed=config.seed, runtime=runtime, state=state,
+        augmenter=augmenter_for(config, model),
     )
     progress.finish(result.epochs_run)
-    return save_checkpoint(paths.teacher, model.cpu(), config, "teacher", dataset.classes, training=result.summary())
+    saved = save_checkpoint(paths.teacher, model.cpu(), config, "teacher", dataset.classes, training=result.summary())
+    state.discard()
+    return saved
 
 
 @flow(name="teacher", description="Train the multimodal teacher (or reuse a checkpoint) and save teacher.pt.")

@@ -8,7 +8,7 @@ import torch
 from mmkd.config import AudioConfig, ImageConfig, ModelConfig, TrainConfig
 from mmkd.data.loading import TensorDataset
 from mmkd.models.multimodal import MultimodalClassifier
-from mmkd.training import cross_entropy_loss, fit
+from mmkd.training import Runtime, cross_entropy_loss, fit
 
 
 def image_rows(count: int) -> TensorDataset:
@@ -29,6 +29,6 @@ def test_short_run_trains(rows, epochs):
     before = [p.detach().clone() for p in model.parameters()]
     config = TrainConfig(epochs=epochs, batch_size=4, lr=0.01, patience=epochs)
     result = fit(model, image_rows(rows), image_rows(4), config, cross_entropy_loss,
-                 stage="test", seed=0, device=torch.device("cpu"))
+                 stage="test", seed=0, runtime=Runtime())
     assert result.epochs_run == epochs
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))

@@ -26,6 +26,21 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="YAML run config.")
     run.add_argument("--out", type=Path, required=True, help="Folder for run folders and shared caches.")
     run.add_argument("--seed", type=int, default=None, help="Replace the config's seed.")
+    run.add_argument("--fresh", action="store_true",
+                     help="Start a new run folder even when a run of this config stopped before the end "
+                          "(by default that run is resumed).")
+
+    tune = commands.add_parser("tune", help="Search the student's training settings (the config's tune section).")
+    tune.add_argument("config", type=Path, help="YAML run config with a tune section.")
+    tune.add_argument("--out", type=Path, required=True, help="Folder for the search's run folder and shared caches.")
+    tune.add_argument("--trials", type=int, default=None, help="Replace tune.trials.")
+    tune.add_argument("--fresh", action="store_true",
+                      help="Start a new search even when one of this config stopped before the end.")
+
+    distill = commands.add_parser("distill", help="Run the distill stage again in a run folder, e.g. in several processes.")
+    distill.add_argument("run_dir", type=Path, help="Run folder with a teacher and its stored outputs.")
+    distill.add_argument("--nproc", type=int, default=None,
+                         help="Train in this many processes through torchrun (default: the config's distill.nproc).")
 
     validate = commands.add_parser("validate", help="Check the config's manifest and the files it names.")
     validate.add_argument("config", type=Path, help="YAML run config.")
@@ -145,9 +160,32 @@ def _run(args: argparse.Namespace) -> int:
         # A bad config fails here with one message, before Prefect starts. Bad data is
         # reported by the pipeline's validate stage, every row at once.
         load_config(args.config)
-        result = pipeline_flow(str(args.config), str(args.out), seed=args.seed)
+        result = pipeline_flow(str(args.config), str(args.out), seed=args.seed, resume=not args.fresh)
         print(summary_table(result, result["benchmark"]))
         print(f"\nRun folder: {result['run_dir']}")
+        return 0
+
+    if args.command == "tune":
+        from mmkd.config import load_config
+        from mmkd.flows.tune import tune_flow
+
+        load_config(args.config)
+        if args.trials is not None and args.trials < 1:
+            raise ConfigError(f"--trials must be at least 1, got {args.trials}")
+        result = tune_flow(str(args.config), str(args.out), trials=args.trials, resume=not args.fresh)
+        print(f"best trial {result['best_trial']} of {result['trials']} ({result['pruned']} pruned): "
+              f"{result['monitor']} {result['best_value']:.4f} with {result['best_settings']}")
+        print(f"\nBest config: {result['best_config']}  (mmkd run {result['best_config']} --out ...)")
+        return 0
+
+    if args.command == "distill":
+        from mmkd.flows.distill import distill_flow
+
+        if args.nproc is not None and args.nproc < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+        result = distill_flow(str(args.run_dir), nproc=args.nproc)
+        print(f"student_distilled.pt: {result['params']} parameters, val accuracy "
+              f"{result['training']['best_val_accuracy']:.4f}, {result['training']['processes']} process(es)")
         return 0
 
     if args.command == "validate":

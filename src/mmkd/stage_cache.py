@@ -25,8 +25,9 @@ from mmkd.watching import load_state, save_state, snapshot_dataset
 # stage -> (config sections it reads, stages whose outputs it reads)
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "validate": (("data", "validation"), ()),
-    "teacher": (("data", "teacher", "seed", "device"), ("validate",)),
-    "distill": (("student", "extract", "distill", "seed", "device"), ("validate", "teacher")),
+    "teacher": (("data", "teacher", "seed", "device", "precision", "channels_last", "compile", "augment"), ("validate",)),
+    "distill": (("student", "extract", "distill", "seed", "device", "precision", "channels_last", "compile", "augment"),
+                ("validate", "teacher")),
     "finetune": (("finetune",), ("distill",)),
     "evaluate": (("student", "distill", "finetune"), ("finetune", "teacher")),
     "export": (("export",), ("finetune", "teacher")),
@@ -116,6 +117,9 @@ class StageCache:
             if not (source / rel).is_file() or sha256_of_file(source / rel) != digest:
                 return None
         for rel in entry["files"]:
+            if source.resolve() == Path(run_dir).resolve():
+                # A resumed run finds the stages it finished itself; their files are already in place.
+                break
             (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / rel, run_dir / rel)
         # Paths in the result name the earlier run's files; their copies are in this run.
