@@ -14,6 +14,7 @@ from torch.export import Dim
 from mmkd.config import input_names, modalities_of
 from mmkd.data.loading import TensorDataset
 from mmkd.errors import ExportError
+from mmkd.models.adapters import merged
 from mmkd.models.multimodal import MultimodalClassifier
 from mmkd.runs import atomic_write
 from mmkd.training import classification_metrics
@@ -33,7 +34,8 @@ def export_onnx(model: MultimodalClassifier, example: TensorDataset, path: Path,
     Raises:
         ExportError: onnx.checker rejects the exported model.
     """
-    model = model.eval().cpu()
+    # LoRA adapters are folded into the weights they adapt: the exported graph has none.
+    model = merged(model).eval().cpu()
     batch = Dim("batch", min=1, max=65536)
     shapes = []
     for modality in model.modalities:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmkd.config import MODEL_INPUTS, AudioConfig, ImageConfig, ModelConfig
+from mmkd.models.adapters import add_lora, freeze
 from mmkd.models.encoders import AudioEncoder, ResNetEncoder
 from mmkd.registry import get_registry
 
@@ -71,6 +72,10 @@ class MultimodalClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(self.fusion.output_dim, num_classes))
         self.embed_dim = config.embed_dim
         self.modality_features: list[torch.Tensor] = []
+        if config.lora is not None:
+            add_lora(self, config.lora)
+        if config.freeze:
+            freeze(self, config.freeze)
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, embedding, _ = self.forward_with_modalities(*args)
