@@ -25,12 +25,12 @@ def test_unknown_key_is_rejected_with_the_valid_keys_and_closest_match(tmp_path)
     path = write_yaml(tmp_path / "c.yaml", {"data": {"manifest": "m.csv"}, "teacher": {"embed_dims": 4}})
     with pytest.raises(ConfigError, match=r"unknown key 'teacher\.embed_dims'\. Did you mean 'embed_dim'\?") as info:
         load_config(path)
-    assert "Valid keys here: audio_encoder, checkpoint, dropout, embed_dim, fusion, image_encoder, text_encoder, train" in str(info.value)
+    assert "Valid keys here: audio_encoder, checkpoint, dropout, embed_dim, freeze, fusion, image_encoder, lora, text_encoder, train" in str(info.value)
     assert str(path) in str(info.value)
 
 
 def test_unknown_top_level_key_lists_the_top_level_keys(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'sede'\. Did you mean 'seed'\?.*benchmark, data, device"):
+    with pytest.raises(ConfigError, match=r"unknown key 'sede'\. Did you mean 'seed'\?.*benchmark, channels_last, compile, data, device"):
         load_config(write_yaml(tmp_path / "c.yaml", {"data": {"manifest": "m.csv"}, "sede": 1}))
 
 

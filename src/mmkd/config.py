@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mmkd.errors import ConfigError, PluginError
 
@@ -216,14 +223,118 @@ class LossTerm(PluginChoice):
     )
 
 
+class AdversarialConfig(_Strict):
+    """Adversarial training: each step also trains on perturbed copies of its rows."""
+
+    method: Literal["fgsm", "pgd"] = Field(
+        "pgd",
+        description="fgsm: one signed-gradient step of the full size. pgd: `steps` smaller steps from a random "
+        "start, projected back into the allowed size after each; on text, the steps move the word embeddings "
+        "along their normalised gradient (FreeLB-style).",
+    )
+    image_epsilon: float = Field(0.1, ge=0, le=10, description="Largest change of a normalised pixel.")
+    audio_epsilon: float = Field(0.002, ge=0, le=1, description="Largest change of a waveform sample (full scale is 1).")
+    text_epsilon: float = Field(
+        1.0, ge=0, le=100, description="Largest L2 norm of the change to each token's word embedding."
+    )
+    steps: int = Field(3, ge=1, le=100, description="Ascent steps of pgd; fgsm takes one.")
+    step_fraction: float = Field(0.5, gt=0, le=1, description="Each pgd step's size, as a fraction of the epsilon.")
+
+
 class TrainConfig(_Strict):
     """Optimiser and schedule for one training stage."""
 
     epochs: int = Field(10, ge=1, le=10000, description="Maximum epochs.")
     batch_size: int = Field(64, ge=1, le=65536, description="Rows per optimiser step.")
-    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate of AdamW (one-cycle schedule).")
+    lr: float = Field(2e-3, gt=0, le=10, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(1e-4, ge=0, le=1, description="AdamW weight decay.")
-    patience: int = Field(4, ge=1, le=10000, description="Stop after this many epochs without a better validation accuracy.")
+    schedule: Literal["one_cycle", "cosine", "constant"] = Field(
+        "one_cycle",
+        description="Learning rate schedule over all planned steps: one-cycle, linear warm-up then cosine decay "
+        "to zero, or constant.",
+    )
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="With the cosine schedule: share of the planned steps spent warming up linearly."
+    )
+    grad_clip_norm: float | None = Field(
+        None, gt=0, description="Clip the gradients' total L2 norm to this before each step; None does not clip."
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1,
+        description="Keep an exponential moving average of the weights with this decay (e.g. 0.999); validation, "
+        "early stopping and the saved model then use the average.",
+    )
+    monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = Field(
+        "val_accuracy", description="Validation metric that picks the best epoch and drives early stopping."
+    )
+    patience: int = Field(4, ge=1, le=10000, description="Stop after this many epochs without a better monitored metric.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1,
+        description="Label smoothing of the cross-entropy on labels (teacher, baseline, finetuning); distillation "
+        "terms keep their own parameters.",
+    )
+    augment: bool = Field(True, description="Apply the run's `augment` settings to this stage's training rows.")
+    adversarial: AdversarialConfig | None = Field(
+        None,
+        description="Train on adversarial copies of each batch as well as on the batch (the loss is averaged over "
+        "both); None trains on the rows alone.",
+    )
+    checkpoint_every_steps: int = Field(
+        200, ge=1, le=10**9,
+        description="Save the training state every N optimiser steps, and at the end of each epoch, so a killed "
+        "stage resumes where it was.",
+    )
+
+
+class ImageAugmentConfig(_Strict):
+    """Random changes to training images (torchvision transforms v2), drawn per row."""
+
+    degrees: float = Field(0.0, ge=0, le=180, description="Rotate by up to this many degrees either way.")
+    translate: float = Field(0.0, ge=0, le=1, description="Shift by up to this fraction of the width and height.")
+    scale: tuple[float, float] | None = Field(None, description="Zoom by a factor drawn from [low, high], e.g. [0.9, 1.1].")
+    crop_padding: int = Field(0, ge=0, le=512, description="Pad by this many pixels, then crop back at a random place.")
+
+
+class AudioAugmentConfig(_Strict):
+    """Random changes to training recordings: SpecAugment masks on the log-mel spectrogram, gain and noise."""
+
+    time_masks: int = Field(0, ge=0, le=100, description="Time masks per recording (SpecAugment).")
+    time_mask_frames: int = Field(8, ge=1, le=10000, description="Widest time mask, in spectrogram frames.")
+    freq_masks: int = Field(0, ge=0, le=100, description="Frequency masks per recording (SpecAugment).")
+    freq_mask_bins: int = Field(6, ge=1, le=1000, description="Widest frequency mask, in mel bands.")
+    gain_db: float = Field(0.0, ge=0, le=60, description="Change the loudness by up to this many decibels either way.")
+    noise_snr_db: float | None = Field(
+        None, ge=-20, le=100, description="Add white noise this many decibels below the recording's power."
+    )
+
+
+class TextAugmentConfig(_Strict):
+    """Random changes to training texts."""
+
+    token_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Hide each token but the first from attention with this probability."
+    )
+
+
+class AugmentConfig(_Strict):
+    """Per-modality augmentation of training rows; everything is off by default."""
+
+    image: ImageAugmentConfig = Field(default_factory=ImageAugmentConfig, description="Image augmentation.")
+    audio: AudioAugmentConfig = Field(default_factory=AudioAugmentConfig, description="Audio augmentation.")
+    text: TextAugmentConfig = Field(default_factory=TextAugmentConfig, description="Text augmentation.")
+
+
+class LoraSettings(_Strict):
+    """Low-rank adapters (peft's LoRA) on a model's transformer encoders."""
+
+    rank: int = Field(8, ge=1, le=1024, description="Rank of each adapter.")
+    alpha: float = Field(16.0, gt=0, le=4096, description="Scaling numerator; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        min_length=1,
+        description="Names of the linear layers that get adapters (BERT and ViT: query, key, value, dense).",
+    )
 
 
 class ModelConfig(_Strict):
@@ -235,6 +346,16 @@ class ModelConfig(_Strict):
     embed_dim: int = Field(64, ge=2, le=4096, description="Width of each modality embedding.")
     fusion: PluginChoice = Field(default_factory=lambda: PluginChoice(name="concat"), description="Fusion plugin combining the modality embeddings.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classification head.")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Freeze the parameters whose names start with one of these prefixes, e.g. "
+        "encoders.image.stem; `mmkd` logs how many each prefix froze.",
+    )
+    lora: LoraSettings | None = Field(
+        None,
+        description="Finetune the transformer encoders (text, and pretrained transformers image or audio models) "
+        "through LoRA adapters (peft): their own weights are frozen and the adapters are merged into them for export.",
+    )
 
 
 class TeacherConfig(ModelConfig):
@@ -314,6 +435,11 @@ class DistillConfig(_Strict):
         "feature terms still compare with the run's own teacher.",
     )
     teacher_weight: float = Field(1.0, gt=0, le=1000, description="Weight of the run's own teacher in that average.")
+    nproc: int = Field(
+        1, ge=1, le=1024,
+        description="Processes that train the student together through torchrun (DistributedDataParallel; NCCL "
+        "on GPUs, gloo on the CPU). Each reads batch_size / nproc rows per step, so results match one process.",
+    )
 
 
 class ExtractConfig(_Strict):
@@ -483,12 +609,60 @@ class BenchmarkConfig(_Strict):
     )
 
 
+class SearchRange(_Strict):
+    """The values one setting may take in a search: a list of choices, or a range."""
+
+    choices: list[Any] | None = Field(None, min_length=1, description="Values to choose from.")
+    low: float | None = Field(None, description="Smallest value of a range.")
+    high: float | None = Field(None, description="Largest value of a range.")
+    log: bool = Field(False, description="Draw the range on a log scale (learning rates, weights).")
+    integer: bool = Field(False, description="Draw whole numbers from the range.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchRange:
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give either choices, or low and high")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError(f"a log range needs low above 0, got {self.low}")
+        return self
+
+
+# Config sections a search trial trains with; the teacher and the data stay fixed.
+TUNABLE_SECTIONS = ("student", "distill", "augment")
+
+
+class TuneConfig(_Strict):
+    """Hyperparameter search over the student's training (`mmkd tune`): an Optuna study."""
+
+    trials: int = Field(20, ge=1, le=100000, description="Trials to run; a resumed search runs only the missing ones.")
+    space: dict[str, SearchRange] = Field(
+        default_factory=dict,
+        description="Settings to search, by dotted key (list items by index), e.g. distill.train.lr or "
+        "distill.losses.0.params.temperature; keys lie under student, distill or augment.",
+    )
+    startup_trials: int = Field(3, ge=0, le=10000, description="Trials that run to the end before any is pruned.")
+    warmup_epochs: int = Field(1, ge=0, le=10000, description="Epochs of each trial before it may be pruned.")
+
+
 class RunConfig(_Strict):
     """The whole pipeline's config, as written in one YAML file."""
 
     name: str = Field("run", min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_.-]+$", description="Run name, part of each run folder's name.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds model initialisation and batch order.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where models train: auto picks CUDA, then Apple's MPS, then the CPU."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training precision. auto: bfloat16 on GPUs that support it, float16 with a gradient scaler on "
+        "other GPUs, float32 on the CPU. fp16 needs a GPU.",
+    )
+    channels_last: bool = Field(
+        False, description="Train convolutional encoders in channels-last memory format (faster on recent GPUs)."
+    )
+    compile: bool = Field(False, description="Train through torch.compile; the first steps are slower while it compiles.")
     allow_downloads: bool = Field(
         False,
         description="Let pretrained models and tokenizers named by hub id be downloaded; needs HF_HUB_OFFLINE=0, "
@@ -509,6 +683,11 @@ class RunConfig(_Strict):
     feature_store: Path | None = Field(
         None, description="Folder of cached teacher outputs; by default feature-store/ beside the runs."
     )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="Per-modality augmentation of training rows, for the stages whose train.augment is true.",
+    )
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter search settings (`mmkd tune`).")
 
     @model_validator(mode="after")
     def _check_plugins(self) -> RunConfig:
@@ -560,6 +739,16 @@ class RunConfig(_Strict):
                 raise ValueError(f"{key}.params: {_describe_errors(exc, plugin.Params)}") from None
         return self
 
+    @model_validator(mode="after")
+    def _check_search_space(self) -> RunConfig:
+        dumped = self.model_dump(mode="json")
+        for key in self.tune.space:
+            if key.split(".")[0] not in TUNABLE_SECTIONS:
+                raise ValueError(f"tune.space: {key!r} is outside the sections a trial trains "
+                                 f"({', '.join(TUNABLE_SECTIONS)}); search those, the teacher and data stay fixed")
+            _setting(dumped, key)
+        return self
+
     @property
     def student_modalities(self) -> list[str]:
         """The modalities the student and the baseline read, in data.modalities order."""
@@ -570,6 +759,40 @@ class RunConfig(_Strict):
         """Return a short hash of the resolved config, stored with checkpoints and models."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _setting(dumped: dict[str, Any], key: str) -> tuple[Any, str | int]:
+    """Return (container, last part) of the dotted `key` in a dumped config, so the value is container[part].
+
+    Raises:
+        ValueError: a part of `key` is not in the config; the message lists what is there.
+    """
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    container: Any = dumped
+    for depth, part in enumerate(parts):
+        where = ".".join(str(p) for p in parts[:depth]) or "the config"
+        if isinstance(container, list):
+            if not isinstance(part, int) or part >= len(container):
+                raise ValueError(f"tune.space: {key!r}: {where} is a list of {len(container)} items; use an index")
+        elif not isinstance(container, dict) or part not in container:
+            present = ", ".join(sorted(map(str, container))) if isinstance(container, dict) else "no keys"
+            raise ValueError(f"tune.space: {key!r}: {where} has no {part!r}; it has {present}")
+        if depth == len(parts) - 1:
+            return container, part
+        container = container[part]
+    raise ValueError(f"tune.space: empty key {key!r}")
+
+
+def with_settings(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """Return `config` with the dotted-key `values` set, validated again."""
+    dumped = config.model_dump(mode="json")
+    for key, value in values.items():
+        container, part = _setting(dumped, key)
+        container[part] = value
+    try:
+        return RunConfig.model_validate(dumped)
+    except ValidationError as exc:
+        raise ConfigError(f"settings {values}: {_describe_errors(exc, RunConfig)}") from None
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
