@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,6 @@ def test_plugin_catalog_shows_each_plugin_with_its_parameters():
 
 
 def test_validation_howto_names_every_check(tmp_path):
-    import re
 
     from mmkd.config import config_from_dict
     from mmkd.validation.validate import _checks
@@ -88,3 +88,20 @@ def test_deploy_howto_names_every_deployment():
     text = (DOCS / "howto-deploy.md").read_text(encoding="utf-8")
     for deployment in deployments:
         assert f"`{deployment['name']}`" in text
+
+
+def test_training_howto_settings_are_valid_config(tmp_path):
+    import textwrap
+
+    import yaml
+
+    from mmkd.config import RunConfig, TrainConfig, config_from_dict
+
+    text = (DOCS / "howto-train.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(textwrap.dedent(block)) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    assert len(blocks) >= 6
+    for block in blocks:
+        # A block of one stage's train settings is shown without its section.
+        if set(block) <= set(TrainConfig.model_fields) - set(RunConfig.model_fields):
+            block = {"distill": {"train": block}}
+        config_from_dict({"data": {"manifest": "m.csv"}, **block}, base_dir=tmp_path)
