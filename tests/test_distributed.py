@@ -24,7 +24,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 @pytest.mark.parametrize(("rows", "batch_size"), [(96, 16), (97, 16), (10, 4), (33, 8)])
-def test_the_processes_batches_together_are_the_batches_of_one_process(rows, batch_size):
+def test_process_shares_cover_batches(rows, batch_size):
     alone = epoch_batches(rows, batch_size, seed=3, epoch=2)
     shares = [epoch_batches(rows, batch_size, seed=3, epoch=2, rank=r, world=2) for r in range(2)]
     assert len(shares[0]) == len(shares[1]) == len(alone)
@@ -35,7 +35,7 @@ def test_the_processes_batches_together_are_the_batches_of_one_process(rows, bat
     assert sorted(sum(alone, [])) == list(range(rows))
 
 
-def test_two_processes_train_the_same_weights_as_one(tmp_path):
+def test_two_processes_match_one(tmp_path):
     """Acceptance: 2 processes (gloo) against 1, with neither batch norm nor dropout to differ by design.
 
     Stated tolerance: every weight within 1e-5 (only the order of gradient sums differs).
@@ -66,7 +66,7 @@ def finished_run(tmp_path_factory, prefect_server) -> Path:
     return Path(pipeline_flow(str(config), str(folder / "runs"))["run_dir"])
 
 
-def test_the_distill_stage_in_two_processes_matches_one_process(finished_run):
+def test_distill_stage_two_processes(finished_run):
     """Acceptance: the real distill stage of an audio-visual digits run, 2 processes against 1.
 
     The student has batch norm and dropout, which see half a batch in each process, so

@@ -43,7 +43,7 @@ def augmenter(modalities: list[str], **sections) -> Augmenter:
     return Augmenter(AugmentConfig(**sections), modalities, IMAGE, AUDIO.hop_length)
 
 
-def test_random_crop_shifts_each_image_by_at_most_the_padding_and_fills_with_black():
+def test_random_crop_shifts():
     torch.manual_seed(0)
     batch = images(16)
     (changed,) = augmenter(["image"], image={"crop_padding": 2})((batch,))
@@ -57,7 +57,7 @@ def test_random_crop_shifts_each_image_by_at_most_the_padding_and_fills_with_bla
     assert len(shifts) > 1  # drawn per row, not once per batch
 
 
-def test_affine_changes_images_and_no_settings_change_nothing():
+def test_affine_and_no_settings():
     torch.manual_seed(0)
     batch = images(8)
     (rotated,) = augmenter(["image"], image={"degrees": 30, "scale": (0.9, 1.1)})((batch,))
@@ -65,7 +65,7 @@ def test_affine_changes_images_and_no_settings_change_nothing():
     assert not augmenter(["image", "audio", "text"]).active
 
 
-def test_gain_scales_each_recording_by_a_factor_within_the_range():
+def test_gain_range():
     torch.manual_seed(0)
     batch = waveforms(32)
     (_, louder, _) = augmenter(["image", "audio"], audio={"gain_db": 6})((images(32), batch, torch.ones(32, 2)))
@@ -75,7 +75,7 @@ def test_gain_scales_each_recording_by_a_factor_within_the_range():
     assert factors.max() - factors.min() > 0.3
 
 
-def test_noise_is_added_at_the_requested_signal_to_noise_ratio():
+def test_noise_snr():
     torch.manual_seed(0)
     batch = waveforms(8, samples=64000)
     (noisy,) = augmenter(["audio"], audio={"noise_snr_db": 20})((batch,))
@@ -83,7 +83,7 @@ def test_noise_is_added_at_the_requested_signal_to_noise_ratio():
     assert torch.allclose(measured, torch.full_like(measured, 20.0), atol=0.3)
 
 
-def test_spectrogram_masks_cover_bands_of_at_most_the_width_and_only_while_training():
+def test_spectrogram_masks():
     torch.manual_seed(0)
     encoder = AudioEncoder(AUDIO, StudentConfig().audio_encoder, 8)
     batch = waveforms(12)
@@ -111,7 +111,7 @@ def test_spectrogram_masks_cover_bands_of_at_most_the_width_and_only_while_train
             assert torch.allclose(row[0][bands[0]], original.mean().expand(row.shape[2]))
 
 
-def test_waveform_time_masks_when_the_audio_model_has_no_spectrogram():
+def test_waveform_time_masks():
     torch.manual_seed(0)
     batch = waveforms(6)
     (masked,) = augmenter(["audio"], audio={"time_masks": 2, "time_mask_frames": 4})((batch,))
@@ -120,7 +120,7 @@ def test_waveform_time_masks_when_the_audio_model_has_no_spectrogram():
     assert 0 < int(zeroed.sum(1).max()) <= 2 * 4 * AUDIO.hop_length
 
 
-def test_token_dropout_hides_tokens_from_attention_but_never_the_first():
+def test_token_dropout():
     torch.manual_seed(0)
     ids, attention = torch.randint(5, 100, (64, 40)), torch.ones(64, 40, dtype=torch.long)
     (same_ids, dropped) = augmenter(["text"], text={"token_dropout": 0.25})((ids, attention))
@@ -129,7 +129,7 @@ def test_token_dropout_hides_tokens_from_attention_but_never_the_first():
     assert float(1 - dropped[:, 1:].float().mean()) == pytest.approx(0.25, abs=0.02)
 
 
-def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+def test_label_smoothing_targets():
     logits, labels = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 4
     loss, _ = supervised_loss(0.2)((logits, logits), ((), labels, torch.arange(10)))
     targets = torch.full((10, 4), 0.2 / 4)
@@ -159,7 +159,7 @@ def plain_step(model):
     return lambda inputs, labels, rows: cross_entropy_loss(model(*inputs), (inputs, labels, rows))
 
 
-def test_fgsm_copy_is_the_input_plus_epsilon_times_the_gradient_sign():
+def test_fgsm_copy():
     model = LinearImageModel().train()
     batch, mask, labels = images(6), torch.ones(6, 1, dtype=torch.bool), torch.tensor([0, 1, 2, 0, 1, 2])
     norm_state = {k: v.clone() for k, v in model.norm.state_dict().items()}
@@ -175,7 +175,7 @@ def test_fgsm_copy_is_the_input_plus_epsilon_times_the_gradient_sign():
     assert torch.equal(extended_labels, torch.cat([labels, labels])) and torch.equal(rows, torch.arange(6).repeat(2))
 
 
-def test_pgd_stays_inside_the_ball_raises_the_loss_and_leaves_batch_norm_statistics_alone():
+def test_pgd_copy():
     model = LinearImageModel().train()
     batch, mask, labels = images(32), torch.ones(32, 1, dtype=torch.bool), torch.arange(32) % 3
     before = {k: v.clone() for k, v in model.norm.state_dict().items()}
@@ -199,7 +199,7 @@ def text_model(**config) -> MultimodalClassifier:
     )
 
 
-def test_text_perturbation_moves_word_embeddings_within_the_norm_and_raises_the_loss():
+def test_text_embedding_perturbation():
     model = text_model(dropout=0.0).train()
     ids = torch.randint(3, 50, (8, 12), generator=torch.Generator().manual_seed(0))
     attention, mask, labels = torch.ones(8, 12, dtype=torch.long), torch.ones(8, 1, dtype=torch.bool), torch.arange(8) % 3
@@ -240,7 +240,7 @@ def av_model() -> MultimodalClassifier:
     )
 
 
-def test_augmented_adversarial_training_resumes_to_the_same_weights(tmp_path):
+def test_augmented_adversarial_resume(tmp_path):
     config = TrainConfig(epochs=2, batch_size=8, lr=0.01, patience=2, checkpoint_every_steps=1,
                          adversarial=AdversarialConfig(method="pgd", steps=2), label_smoothing=0.1)
     sections = {"image": {"degrees": 10, "crop_padding": 2}, "audio": {"freq_masks": 1, "time_masks": 1, "gain_db": 3}}
@@ -268,7 +268,7 @@ def test_augmented_adversarial_training_resumes_to_the_same_weights(tmp_path):
     assert not any(module._forward_hooks for module in resumed.modules())
 
 
-def test_freezing_by_name_prefix_stops_those_parameters_only():
+def test_freeze_by_prefix():
     torch.manual_seed(0)
     model = MultimodalClassifier(
         ModelConfig(image_encoder={"width": 4, "blocks": [1]}, embed_dim=8, freeze=["encoders.image.stem"]),
@@ -289,7 +289,7 @@ def test_freezing_by_name_prefix_stops_those_parameters_only():
                              image=IMAGE, audio=AUDIO)
 
 
-def test_lora_trains_adapters_only_and_export_folds_them_into_the_weights():
+def test_lora_adapters_and_merge():
     model = text_model(lora=LoraSettings(rank=4, alpha=8, target_modules=["query", "value"]))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     transformer = {name for name in trainable if ".transformer." in name}

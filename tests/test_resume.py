@@ -65,7 +65,7 @@ def same_weights(first: dict, second: dict) -> bool:
 
 @pytest.mark.parametrize("schedule", ["one_cycle", "cosine", "constant"])
 @pytest.mark.parametrize("crash_at", [3, 8, 13, 20])
-def test_resuming_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, schedule, crash_at):
+def test_crash_resume_matches_uninterrupted(tmp_path, schedule, crash_at):
     # 8 steps per epoch: crashes land mid-epoch (3, 13, 20) and on an epoch's first step (8 +1).
     config = TrainConfig(epochs=3, batch_size=8, lr=0.01, patience=3, schedule=schedule, ema_decay=0.9,
                          grad_clip_norm=1.0, checkpoint_every_steps=1)
@@ -79,7 +79,7 @@ def test_resuming_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tm
     assert [r["loss"] for r in result.history] == [r["loss"] for r in reference_result.history]
 
 
-def test_a_state_saved_every_few_steps_repeats_the_steps_after_it(tmp_path):
+def test_sparse_saves_repeat_later_steps(tmp_path):
     # Saved after steps 5, 8 (epoch end) and 10: a crash in step 13 resumes after step 10.
     config = TrainConfig(epochs=2, batch_size=8, lr=0.01, patience=2, checkpoint_every_steps=5)
     reference, _ = train(config, None)
@@ -92,7 +92,7 @@ def test_a_state_saved_every_few_steps_repeats_the_steps_after_it(tmp_path):
     assert same_weights(reference.state_dict(), resumed.state_dict())
 
 
-def test_an_early_stopped_stage_resumed_after_its_last_save_trains_no_further(tmp_path):
+def test_early_stopped_stage_stays_stopped(tmp_path):
     config = TrainConfig(epochs=30, batch_size=64, lr=1e-9, patience=1, checkpoint_every_steps=1000)
     state = TrainingState(tmp_path, stage="test", config_hash="a")
     first, result = train(config, state)
@@ -102,7 +102,7 @@ def test_an_early_stopped_stage_resumed_after_its_last_save_trains_no_further(tm
     assert same_weights(first.state_dict(), again.state_dict())
 
 
-def test_a_state_of_another_config_or_stage_is_refused_with_what_to_do(tmp_path):
+def test_foreign_state_rejected(tmp_path):
     config = TrainConfig(epochs=1, batch_size=32, patience=1)
     train(config, TrainingState(tmp_path, stage="test", config_hash="a" * 64))
     with pytest.raises(StateMismatchError, match=r"fingerprint aaaaaaaaaaaa.*bbbbbbbbbbbb.*delete the file"):
@@ -115,7 +115,7 @@ class NotAllowed:
     """A class a weights-only load must not construct."""
 
 
-def test_a_state_holding_arbitrary_objects_is_not_loaded(tmp_path):
+def test_state_with_objects_not_loaded(tmp_path):
     state = TrainingState(tmp_path, stage="test", config_hash="a")
     torch.save({"format": "mmkd-training-state/1", "stage": "test", "config_hash": "a", "payload": NotAllowed()},
                state.path)
@@ -123,7 +123,7 @@ def test_a_state_holding_arbitrary_objects_is_not_loaded(tmp_path):
         state.load()
 
 
-def test_repeated_sigkills_never_leave_an_unreadable_state_and_the_result_is_unchanged(tmp_path):
+def test_repeated_sigkills_keep_the_result(tmp_path):
     """Acceptance: at least five kills at random moments; every resume continues; same final weights."""
     reference_out = tmp_path / "reference.pt"
     subprocess.run([sys.executable, str(WORKER), str(tmp_path / "reference-state"), str(reference_out)],
@@ -161,7 +161,7 @@ def test_repeated_sigkills_never_leave_an_unreadable_state_and_the_result_is_unc
     assert not list(state_dir.glob(".*.tmp"))
 
 
-def test_unfinished_run_is_the_newest_folder_of_the_same_config_without_metrics(tmp_path):
+def test_unfinished_run_lookup(tmp_path):
     from mmkd.runs import atomic_write_json, unfinished_run
 
     for name, fingerprint, finished in [("20261201T000000Z-a", "same", False), ("20261202T000000Z-a", "same", False),
@@ -174,7 +174,7 @@ def test_unfinished_run_is_the_newest_folder_of_the_same_config_without_metrics(
     assert unfinished_run(tmp_path, "new") is None
 
 
-def test_a_killed_mmkd_run_resumes_in_its_folder_with_distillation_continuing(tmp_path, small_avdigits, prefect_server):
+def test_killed_mmkd_run_resumes(tmp_path, small_avdigits, prefect_server):
     from conftest import write_config
     from mmkd.flows.pipeline import pipeline_flow
     from prefect.settings import PREFECT_API_URL

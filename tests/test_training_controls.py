@@ -60,8 +60,8 @@ class StepRecorder:
             handle.remove()
 
 
-def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
-    # 64 rows in batches of 8: 8 steps per epoch, 5 epochs, 40 steps; 10% warm-up is 4 steps.
+def test_cosine_schedule_rates():
+    # 64 rows in batches of 8 give 8 steps per epoch and 40 in 5 epochs. A 10% warm-up is 4 steps.
     config = TrainConfig(epochs=5, batch_size=8, lr=0.01, patience=5, schedule="cosine", warmup_fraction=0.1)
     with StepRecorder() as steps:
         run(config)
@@ -71,13 +71,13 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
     assert steps.rates == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
-def test_constant_schedule_keeps_the_learning_rate():
+def test_constant_schedule_rates():
     with StepRecorder() as steps:
         run(TrainConfig(epochs=2, batch_size=16, lr=0.003, patience=2, schedule="constant"))
     assert steps.rates == pytest.approx([0.003] * 8)
 
 
-def test_gradients_are_clipped_to_the_configured_norm_before_each_step():
+def test_gradient_clipping_norm():
     with StepRecorder() as unclipped:
         run(TrainConfig(epochs=1, batch_size=8, lr=0.01, patience=1))
     assert max(unclipped.norms) > 0.05  # the clip below bites
@@ -87,7 +87,7 @@ def test_gradients_are_clipped_to_the_configured_norm_before_each_step():
     assert all(norm <= 0.05 * (1 + 1e-4) for norm in clipped.norms)
 
 
-def test_weight_average_is_the_exponential_average_of_the_steps_weights():
+def test_weight_average_is_exponential():
     decay = 0.8
     config = TrainConfig(epochs=1, batch_size=8, lr=0.05, patience=1, ema_decay=decay)
     model = small_model()
@@ -105,7 +105,7 @@ def test_weight_average_is_the_exponential_average_of_the_steps_weights():
 
 
 @pytest.mark.parametrize(("monitor", "pick"), [("val_accuracy", max), ("val_macro_f1", max), ("val_loss", min)])
-def test_best_epoch_is_the_best_of_the_monitored_metric(monitor, pick):
+def test_best_epoch_by_monitor(monitor, pick):
     _, result = run(TrainConfig(epochs=6, batch_size=8, lr=0.02, patience=6, monitor=monitor))
     values = [record[monitor] for record in result.history]
     assert result.best_epoch == values.index(pick(values)) + 1
@@ -113,7 +113,7 @@ def test_best_epoch_is_the_best_of_the_monitored_metric(monitor, pick):
     assert result.best_val_accuracy == result.history[result.best_epoch - 1]["val_accuracy"]
 
 
-def test_patience_counts_epochs_without_a_better_monitored_value():
+def test_patience_counts_stale_epochs():
     _, result = run(TrainConfig(epochs=50, batch_size=64, lr=1e-9, patience=3, monitor="val_loss"))
     losses = [record["val_loss"] for record in result.history]
     best_at = losses.index(min(losses))
@@ -121,7 +121,7 @@ def test_patience_counts_epochs_without_a_better_monitored_value():
     assert result.epochs_run < 50
 
 
-def test_auto_device_and_precision_on_a_machine_without_a_gpu():
+def test_auto_device_without_gpu():
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         pytest.skip("this machine has a GPU")
     assert resolve_device("auto") == torch.device("cpu")
@@ -134,7 +134,7 @@ def test_auto_device_and_precision_on_a_machine_without_a_gpu():
         resolve_precision("fp16", torch.device("cpu"))
 
 
-def test_bf16_training_runs_the_forward_pass_in_bfloat16():
+def test_bf16_forward_pass():
     model = small_model()
     seen = []
     model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype) if module.training else None)
@@ -145,7 +145,7 @@ def test_bf16_training_runs_the_forward_pass_in_bfloat16():
     assert math.isfinite(result.history[0]["loss"])
 
 
-def test_channels_last_trains_convolutions_in_that_layout_with_the_same_losses():
+def test_channels_last_training():
     plain, plain_result = run(TrainConfig(epochs=2, batch_size=16, lr=0.01, patience=2))
     model, result = run(TrainConfig(epochs=2, batch_size=16, lr=0.01, patience=2), runtime=Runtime(channels_last=True))
     convolutions = [p for p in model.parameters() if p.dim() == 4]
@@ -153,7 +153,7 @@ def test_channels_last_trains_convolutions_in_that_layout_with_the_same_losses()
     assert [r["loss"] for r in result.history] == pytest.approx([r["loss"] for r in plain_result.history], rel=1e-4)
 
 
-def test_compiled_training_matches_eager_training():
+def test_compiled_training_matches_eager():
     config = TrainConfig(epochs=1, batch_size=32, lr=0.01, patience=1)
     _, eager = run(config)
     _, compiled = run(config, runtime=Runtime(compile=True))

@@ -28,7 +28,7 @@ def raw(**tune) -> dict:
     return {"data": {"manifest": "m.csv"}, "tune": tune}
 
 
-def test_search_keys_must_name_settings_a_trial_trains(tmp_path):
+def test_search_key_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"'distill.train.lrr': distill.train has no 'lrr'; it has .*lr"):
         config_from_dict(raw(space={"distill.train.lrr": {"low": 0.1, "high": 1}}), base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"'teacher.dropout' is outside the sections a trial trains"):
@@ -41,7 +41,7 @@ def test_search_keys_must_name_settings_a_trial_trains(tmp_path):
         config_from_dict(raw(space={"distill.train.lr": {"low": 0, "high": 1, "log": True}}), base_dir=tmp_path)
 
 
-def test_settings_by_dotted_key_reach_nested_sections_and_list_items(tmp_path):
+def test_settings_by_dotted_key(tmp_path):
     config = config_from_dict(raw(space=SPACE), base_dir=tmp_path)
     changed = with_settings(config, {"distill.train.lr": 0.004, "distill.losses.0.params.temperature": 8.0,
                                      "student.dropout": 0.25})
@@ -53,7 +53,7 @@ def test_settings_by_dotted_key_reach_nested_sections_and_list_items(tmp_path):
         with_settings(config, {"distill.train.lr": -1})
 
 
-def test_tune_flow_prunes_by_the_median_and_writes_a_runnable_best_config(tmp_path, small_avdigits, prefect_server):
+def test_tune_flow_median_pruning(tmp_path, small_avdigits, prefect_server):
     config = write_config(
         tmp_path / "configs", small_avdigits, promotion={"enabled": False},
         distill={"train": {"epochs": 4, "batch_size": 16, "patience": 4, "monitor": "val_loss"}},
@@ -99,7 +99,7 @@ def test_tune_flow_prunes_by_the_median_and_writes_a_runnable_best_config(tmp_pa
     assert len([n for n in names if n.startswith("tune-trial")]) == 6
 
 
-def test_a_stopped_search_continues_in_its_folder(tmp_path, small_avdigits, prefect_server):
+def test_stopped_search_continues(tmp_path, small_avdigits, prefect_server):
     config = write_config(
         tmp_path / "configs", small_avdigits, promotion={"enabled": False},
         distill={"train": {"epochs": 1, "batch_size": 32, "patience": 1}},

@@ -39,9 +39,9 @@ class TrainingState:
 
     Args:
         folder: Where the stage keeps its state, e.g. `<run>/checkpoints/distill`.
-        stage: The stage's name; a state of another stage is refused.
+        stage: The stage's name; a state of another stage is rejected.
         config_hash: Fingerprint of the config the stage runs with; a state written
-            under another one is refused, since resuming it would mix two configs.
+            under another one is rejected, since resuming it would mix two configs.
     """
 
     def __init__(self, folder: Path, *, stage: str, config_hash: str):
@@ -53,7 +53,7 @@ class TrainingState:
 
     def load(self) -> dict[str, Any] | None:
         """Return the saved state, or None when the stage has not saved one yet."""
-        # A process killed while saving leaves its temporary file; the state it was replacing is intact.
+        # A process killed while saving leaves its temporary file behind. The state it was replacing is intact.
         for leftover in self.folder.glob(f".{self.path.name}.*.tmp"):
             leftover.unlink(missing_ok=True)
         if not self.path.exists():
@@ -74,7 +74,7 @@ class TrainingState:
         if found[2] != self.config_hash:
             raise StateMismatchError(
                 f"{self.path} was saved by a {self.stage} stage whose config had fingerprint {found[2][:12]}, but "
-                f"this run's config has {self.config_hash[:12]}. Resuming would mix two configs: put the run's "
+                f"this run's config has {self.config_hash[:12]}. Resuming would mix two configs, so put the run's "
                 "config.yaml back as it was, or delete the file to start the stage over"
             )
         return state

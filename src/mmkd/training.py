@@ -407,7 +407,7 @@ class _Trainer:
         config = self.config
         if self.world > 1:
             self.totals, self.seen = _sum_over_processes(self.totals, self.seen, self.runtime.device)
-            # Batch-norm statistics differ between processes; validation uses the first one's.
+            # Batch-norm statistics differ between processes, so validation uses the first one's.
             for buffer in self.evaluated.buffers():
                 dist.broadcast(buffer.data, src=0)
         scores = _validation_scores(self.evaluated, val, self.runtime.device)
