@@ -127,3 +127,18 @@ def test_installed_console_command_reports_a_missing_config_without_traceback(tm
     assert result.returncode == 2
     assert "missing.yaml does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_distill_nproc_below_one_exits_2(tmp_path, capsys):
+    assert main(["distill", str(tmp_path), "--nproc", "0"]) == 2
+    assert "--nproc must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_tune_without_search_space_exits_2(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {manifest: m.csv}\n", encoding="utf-8")
+    assert main(["tune", str(config), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "tune.space is empty" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()

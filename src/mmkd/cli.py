@@ -169,7 +169,9 @@ def _run(args: argparse.Namespace) -> int:
         from mmkd.config import load_config
         from mmkd.flows.tune import tune_flow
 
-        load_config(args.config)
+        # Checked before Prefect starts, as `run` checks the config.
+        if not load_config(args.config).tune.space:
+            raise ConfigError(f"{args.config}: tune.space is empty; name the settings to search (see docs/howto-train.md)")
         if args.trials is not None and args.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {args.trials}")
         result = tune_flow(str(args.config), str(args.out), trials=args.trials, resume=not args.fresh)
