@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FSDD_DIR, MNIST_CSV, require_shared_data
 
 from mmkd.checkpoints import load_checkpoint
 from mmkd.config import load_config
 from mmkd.data.loading import decode_to_cache, load_decoded
 from mmkd.distributed import launch_distributed
-from mmkd.flows.pipeline import pipeline_flow
 from mmkd.training import epoch_batches, predict
-
-from conftest import FSDD_DIR, MNIST_CSV, TINY_CONFIG, require_shared_data, write_config
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -54,26 +52,38 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, prefect_server) -> Path:
-    """A run on 400 audio-visual digits, long enough for teacher and student to learn."""
+    """A run folder with the quick demo's teacher and student trained on 400 audio-visual digits."""
     require_shared_data()
+    import yaml
+    from mmkd.flows.distill import distill_flow
+    from mmkd.flows.extract import extract_flow
+    from mmkd.flows.teacher import teacher_flow
+    from mmkd.flows.validate import validate_flow
+
+    from mmkd.config import config_from_dict, save_config
     from mmkd.data.avdigits import build_avdigits
+    from mmkd.demo import write_demo_config
 
     folder = tmp_path_factory.mktemp("distributed")
     manifest = build_avdigits(folder / "data", fsdd_dir=FSDD_DIR, mnist=MNIST_CSV, per_digit=40)
-    config = write_config(folder / "configs", manifest, promotion={"enabled": False},
-                          teacher={**TINY_CONFIG["teacher"], "train": {"epochs": 8, "batch_size": 32, "patience": 8}},
-                          distill={"train": {"epochs": 8, "batch_size": 32, "patience": 8}})
-    return Path(pipeline_flow(str(config), str(folder / "runs"))["run_dir"])
+    raw = yaml.safe_load(write_demo_config(folder, quick=True).read_text(encoding="utf-8"))
+    raw.update(device="cpu", data={**raw["data"], "manifest": str(manifest)})
+    run_dir = folder / "runs" / "one-process"
+    run_dir.mkdir(parents=True)
+    save_config(config_from_dict(raw, base_dir=run_dir), run_dir / "config.yaml")
+    for stage in (validate_flow, teacher_flow, extract_flow, distill_flow):
+        stage(str(run_dir))
+    return run_dir
 
 
 def test_distill_stage_two_processes(finished_run):
     """Acceptance: the real distill stage of an audio-visual digits run, 2 processes against 1.
 
     The student has batch norm and dropout, which see half a batch in each process, so
-    the weights drift apart; stated tolerance: validation accuracy within 0.1 and test
-    predictions agreeing on at least 80% of rows.
+    the weights drift apart. Stated tolerance: validation accuracy within 0.05, and test
+    predictions agreeing on at least 85% of rows.
     """
-    copy = finished_run.with_name(finished_run.name + "-two-processes")
+    copy = finished_run.with_name("two-processes")
     shutil.copytree(finished_run, copy)
     (copy / "student_distilled.pt").unlink()
     launch_distributed(copy, 2, backend="gloo")
@@ -82,11 +92,11 @@ def test_distill_stage_two_processes(finished_run):
     one, one_metadata = load_checkpoint(finished_run / "student_distilled.pt", config)
     two, two_metadata = load_checkpoint(copy / "student_distilled.pt", config)
     assert (one_metadata["training"]["processes"], two_metadata["training"]["processes"]) == (1, 2)
-    assert abs(one_metadata["training"]["best_val_accuracy"] - two_metadata["training"]["best_val_accuracy"]) <= 0.1
+    assert abs(one_metadata["training"]["best_val_accuracy"] - two_metadata["training"]["best_val_accuracy"]) <= 0.05
     test = load_decoded(decode_to_cache(config.data, copy.parent / "cache")).subset("test")
     agreement = float((predict(one, test)[0].argmax(1) == predict(two, test)[0].argmax(1)).float().mean())
     print(f"val accuracy {one_metadata['training']['best_val_accuracy']:.4f} (1 process), "
           f"{two_metadata['training']['best_val_accuracy']:.4f} (2 processes); test agreement {agreement:.4f}")
-    assert agreement >= 0.8
+    assert agreement >= 0.85
     # The training state is gone once the student is saved, and only the first process wrote files.
     assert not (copy / "checkpoints" / "distill").exists()
