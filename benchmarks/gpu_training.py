@@ -8,7 +8,7 @@ the demo's audio-visual teacher and student architectures through `mmkd.training
 generated rows of the audio-visual digits' shapes, for one epoch, after an untimed warm-up
 epoch. It reports rows per second and the GPU's busy fraction over the timed epoch,
 sampled by `nvidia-smi` every 100 ms, and the speed-up of each precision over fp32.
-Without a GPU it says so and exits with status 2.
+Without a GPU it prints that and exits with status 2.
 """
 
 from __future__ import annotations

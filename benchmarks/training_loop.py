@@ -57,7 +57,7 @@ def student_and_objective(config, rows: int):
 
 
 def hand_written(student, objective, train, val, *, epochs: int, batch_size: int, lr: float) -> None:
-    """The same work as `fit`, written out: shuffled batches, AdamW, one-cycle, validation each epoch."""
+    """Do the work of `fit` written out: shuffled batches, AdamW, one-cycle, validation each epoch."""
     import torch
 
     parameters = [p for m in (student, objective) for p in m.parameters() if p.requires_grad]

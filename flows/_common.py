@@ -71,7 +71,7 @@ class RunPaths:
         return self.run_dir.parent / "cache"
 
     def training_state(self, stage: str, config: RunConfig) -> TrainingState:
-        """The resumable state of one training stage: teacher, distill, finetune or baseline."""
+        """Return the resumable state of one training stage: teacher, distill, finetune or baseline."""
         # The number of processes changes no result, so a stage killed under torchrun may resume in one process.
         one_process = config.model_copy(update={"distill": config.distill.model_copy(update={"nproc": 1})})
         return TrainingState(self.run_dir / "checkpoints" / stage, stage=stage, config_hash=one_process.fingerprint())
@@ -116,7 +116,7 @@ def open_store(paths: RunPaths, config: RunConfig, teacher_fingerprint: str, *, 
 
 
 def augmenter_for(config: RunConfig, model) -> Augmenter:
-    """The run's augmentation of training rows, for `model`'s modalities."""
+    """Return the run's augmentation of training rows, for `model`'s modalities."""
     return Augmenter(config.augment, list(model.modalities), config.data.image, config.data.audio.hop_length)
 
 

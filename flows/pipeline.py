@@ -107,7 +107,7 @@ class RunStart:
 def start_run(config: RunConfig, out_dir: Path, *, kind: str, reuse: bool, resume: bool) -> RunStart:
     """Create the run folder (or find the unfinished one of this config) with the resolved config in it.
 
-    `kind` tells runs of the same config apart: "" for the pipeline, "tune" for a search.
+    `kind` separates runs of the same config: "" for the pipeline, "tune" for a search.
     """
     logger = flow_logger()
     out = Path(out_dir).resolve()

@@ -77,7 +77,7 @@ def run_trial(trial, config: RunConfig, dataset: TensorDataset, paths: RunPaths,
             on_epoch=report, augmenter=augmenter_for(trial_config, student),
         )
     except optuna.TrialPruned as pruned:
-        # A pruned trial is an expected outcome, so the task completes and says so.
+        # A pruned trial is an expected outcome, so the task completes and reports it.
         return {"settings": settings, "pruned": str(pruned)}
     return {"settings": settings, "pruned": None, "value": result.best_value, "best_epoch": result.best_epoch,
             "val_accuracy": result.best_val_accuracy, "epochs_run": result.epochs_run}

@@ -29,7 +29,8 @@ def test_process_shares_cover_batches(rows, batch_size):
     for step, batch in enumerate(alone):
         together = shares[0][step] + shares[1][step]
         # An odd row count pads the last batch with a row from the start of the order, as DistributedSampler does.
-        assert set(batch) <= set(together) and len(together) - len(batch) in (0, rows % 2)
+        assert set(batch) <= set(together)
+        assert len(together) - len(batch) in (0, rows % 2)
     assert sorted(sum(alone, [])) == list(range(rows))
 
 

@@ -71,7 +71,8 @@ def test_gain_range():
     (_, louder, _) = augmenter(["image", "audio"], audio={"gain_db": 6})((images(32), batch, torch.ones(32, 2)))
     factors = louder.abs().sum(1) / batch.abs().sum(1)
     assert torch.allclose(louder, batch * factors[:, None], atol=1e-6)
-    assert factors.min() >= 10 ** (-6 / 20) - 1e-5 and factors.max() <= 10 ** (6 / 20) + 1e-5
+    assert factors.min() >= 10 ** (-6 / 20) - 1e-5
+    assert factors.max() <= 10 ** (6 / 20) + 1e-5
     assert factors.max() - factors.min() > 0.3
 
 
@@ -105,7 +106,8 @@ def test_spectrogram_masks():
         in_mask[bands] = True
         in_mask[:, frames] = True
         assert torch.equal(changed, changed & in_mask)
-        assert len(bands) <= 5 and len(frames) <= 7
+        assert len(bands) <= 5
+        assert len(frames) <= 7
         if len(bands):
             assert bands.max() - bands.min() + 1 == len(bands)
             assert torch.allclose(row[0][bands[0]], original.mean().expand(row.shape[2]))
@@ -172,7 +174,8 @@ def test_fgsm_copy():
     nn.functional.cross_entropy(model(pixels, mask)[0], labels).backward()
     assert torch.equal(extended[:6], batch)
     assert torch.allclose(extended[6:], batch + 0.05 * pixels.grad.sign(), atol=1e-7)
-    assert torch.equal(extended_labels, torch.cat([labels, labels])) and torch.equal(rows, torch.arange(6).repeat(2))
+    assert torch.equal(extended_labels, torch.cat([labels, labels]))
+    assert torch.equal(rows, torch.arange(6).repeat(2))
 
 
 def test_pgd_copy():
@@ -184,7 +187,8 @@ def test_pgd_copy():
     (extended, _), _, _ = adversary.extend(plain_step(model), (batch, mask), labels, torch.arange(32))
     assert all(torch.equal(before[k], v) for k, v in model.norm.state_dict().items())
     change = extended[32:] - batch
-    assert float(change.abs().max()) <= 0.1 + 1e-6 and float(change.abs().max()) > 0.09
+    assert float(change.abs().max()) <= 0.1 + 1e-6
+    assert float(change.abs().max()) > 0.09
     with torch.no_grad():
         clean = nn.functional.cross_entropy(model.eval()(batch, mask)[0], labels)
         attacked = nn.functional.cross_entropy(model(extended[32:], mask)[0], labels)
@@ -206,9 +210,11 @@ def test_text_embedding_perturbation():
     torch.manual_seed(2)
     adversary = Adversary(AdversarialConfig(method="pgd", text_epsilon=0.5, steps=3), model)
     extended, extended_labels, _ = adversary.extend(plain_step(model), (ids, attention, mask), labels, torch.arange(8))
-    assert torch.equal(extended[0], torch.cat([ids, ids])) and len(extended_labels) == 16
+    assert torch.equal(extended[0], torch.cat([ids, ids]))
+    assert len(extended_labels) == 16
     norms = adversary.text_delta.norm(dim=-1)
-    assert float(norms.max()) <= 0.5 + 1e-5 and float(norms.min()) > 0.4
+    assert float(norms.max()) <= 0.5 + 1e-5
+    assert float(norms.min()) > 0.4
     model.eval()
     with torch.no_grad():
         clean = float(nn.functional.cross_entropy(model(ids, attention, mask)[0], labels))

@@ -13,24 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training_controls import image_rows
 
 from mmkd.config import AudioConfig, ImageConfig, ModelConfig, TrainConfig
-from mmkd.data.loading import TensorDataset
 from mmkd.models.multimodal import MultimodalClassifier
 from mmkd.train_state import StateMismatchError, TrainingState
 from mmkd.training import Runtime, cross_entropy_loss, fit
 
 WORKER = Path(__file__).with_name("resume_worker.py")
-
-
-def image_rows(count: int, seed: int) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    return TensorDataset(
-        inputs={"image": torch.randn(count, 1, 28, 28, generator=generator)},
-        mask=torch.ones(count, 1, dtype=torch.bool), labels=torch.arange(count) % 3,
-        ids=[str(i) for i in range(count)], splits=["train"] * count, keys=[str(i) for i in range(count)],
-        classes=["a", "b", "c"], modalities=["image"],
-    )
 
 
 def small_model() -> MultimodalClassifier:
@@ -98,7 +88,8 @@ def test_early_stopped_stage_stays_stopped(tmp_path):
     first, result = train(config, state)
     assert result.epochs_run == 2  # one epoch, then one without improvement
     again, second_result = train(config, state)
-    assert second_result.epochs_run == 2 and second_result.resumed == 1
+    assert second_result.epochs_run == 2
+    assert second_result.resumed == 1
     assert same_weights(first.state_dict(), again.state_dict())
 
 
@@ -148,7 +139,8 @@ def test_repeated_sigkills_keep_the_result(tmp_path):
         saved = TrainingState(state_dir, stage="distill", config_hash="resume-worker").load()
         steps_at_kills.append(0 if saved is None else saved["global_step"])
         if saved is not None:
-            assert len(saved["modules"]) == 2 and saved["global_step"] >= steps_at_kills[-2]
+            assert len(saved["modules"]) == 2
+            assert saved["global_step"] >= steps_at_kills[-2]
     resumed_kills = sum(b > a for a, b in pairwise(steps_at_kills))
     print(f"killed at global steps {steps_at_kills[1:]} after {[round(d, 2) for d in delays]} s")
     assert resumed_kills >= 5, f"only {resumed_kills} kills landed after progress (steps {steps_at_kills}, delays {delays})"
@@ -201,6 +193,7 @@ def test_killed_mmkd_run_resumes(tmp_path, small_avdigits, prefect_server):
     assert Path(result["run_dir"]) == killed_run
     assert [p.parent for p in out.glob("*/run.json") if not p.parent.is_symlink()] == [killed_run]
     distill = result["student"]["training"]["distill"]
-    assert distill["resumed"] == 1 and distill["epochs_run"] == 40
+    assert distill["resumed"] == 1
+    assert distill["epochs_run"] == 40
     assert set(result["reused"]) >= {"validate", "teacher"}
     assert not (killed_run / "checkpoints" / "distill").exists()

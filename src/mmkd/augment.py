@@ -31,7 +31,7 @@ class Augmenter:
     """Random per-row changes to a training batch, by modality, as the run's `augment` section sets them.
 
     Spectrogram masks (SpecAugment) act on the output of the audio encoder's log-mel front
-    end, through a forward hook that `attach` adds and that works only in training mode; an
+    end, through a forward hook that `attach` adds and that works only in training mode. An
     audio model without that front end gets its time masks on the waveform instead.
     """
 
@@ -142,7 +142,7 @@ class Adversary:
     """Adds adversarial copies of a batch's rows to it, so each step trains on both.
 
     Continuous inputs (images, waveforms) move by signed gradient steps inside an L-inf
-    ball; text moves its word embeddings (FreeLB-style) along their normalised gradient
+    ball. Text moves its word embeddings (FreeLB-style) along their normalised gradient
     inside an L2 ball per token, through a forward hook on the embedding layer. The
     ascent passes leave batch-norm statistics as they were.
     """
@@ -158,7 +158,7 @@ class Adversary:
         if not self.continuous and self.embedding is None:
             raise ValueError("adversarial training has nothing to perturb: every epsilon of the model's modalities is 0")
         self.text_delta: torch.Tensor | None = None
-        self.pad_rows = 0  # rows before the perturbed ones in the batch the hook sees
+        self.pad_rows = 0  # rows before the perturbed ones in the batch the hook receives
 
     def extend(self, step: StepFn, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, rows: torch.Tensor):
         """Return (inputs, labels, rows) with an adversarial copy of every row after the originals."""

@@ -1,6 +1,6 @@
 """The resumable state of one training stage, saved so that a killed stage continues where it was.
 
-A stage's state file holds everything the next step depends on: the weights of the model
+A stage's state file contains everything the next step depends on: the weights of the model
 and of any module trained with it, the optimiser, the schedule, the gradient scaler, the
 weight average, every random number generator, the position (epoch and step), the
 history so far and the best epoch's weights. It is written to a temporary file, synced

@@ -1,6 +1,6 @@
 """Training loops and the metrics every stage reports.
 
-`fit` trains one model on the device and precision the config asks for, with the
+`fit` trains one model on the device and precision the config sets, with the
 configured schedule, gradient clipping, weight average and early stopping. It saves its
 state every few steps and at each epoch's end (mmkd.train_state) and, given a state
 saved before, continues from it: on the CPU with a fixed seed, a stage killed and
@@ -66,7 +66,7 @@ def resolve_precision(choice: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a stage trains: device, precision, memory format and compilation."""
+    """Training settings of a stage: device, precision, memory format and compilation."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
@@ -258,7 +258,7 @@ def fit(
         runtime: Device, precision, memory format and compilation.
         extra_modules: Modules trained alongside, e.g. a loss term's projection.
         on_epoch: Called with each epoch's record, e.g. to publish progress.
-        state: Where to save the training state, and to resume from when it holds one.
+        state: Where to save the training state, and to resume from when it contains one.
         augmenter: Random changes to each training batch; used when `config.augment` is true.
     """
     # A student may read fewer modalities than the rows hold.
