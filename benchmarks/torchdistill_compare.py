@@ -8,10 +8,10 @@ Usage:
         --torchdistill-python .venv-torchdistill/bin/python --seeds 3
 
 For each seed the quick demo's teacher is trained once by mmkd (audio-visual digits,
-1,000 rows). Then the demo's student is distilled from it twice, with the Hinton loss
-alone (temperature 4, 0.9 on the soft targets), AdamW, the same one-cycle schedule, batch
-size, epochs (no early stopping) and initial weights, keeping the weights of the best
-validation epoch:
+1,000 rows). Then the demo's student is distilled from it twice. Both runs use the Hinton
+loss alone (temperature 4, 0.9 on the soft targets), AdamW and the same one-cycle
+schedule, batch size, epochs (no early stopping) and initial weights. Both keep the
+weights of the best validation epoch:
 
 - by mmkd: the extract stage stores the teacher's outputs, the distill stage trains
   against them;

@@ -102,7 +102,7 @@ def tune_flow(config_path: str, out_dir: str, trials: int | None = None, resume:
     if not config.tune.space:
         raise ConfigError(f"{config_path}: tune.space is empty; name the settings to search, e.g. "
                           "distill.train.lr: {low: 0.0003, high: 0.01, log: true}")
-    wanted = trials or config.tune.trials
+    target_trials = trials or config.tune.trials
     run = start_run(config, Path(out_dir), kind="tune", reuse=True, resume=resume)
     with tags("mmkd"):
         run_teacher_stages(run)
@@ -119,9 +119,9 @@ def tune_flow(config_path: str, out_dir: str, trials: int | None = None, resume:
     )
     done = len([t for t in study.trials if t.state.is_finished()])
     if done:
-        logger.info("Continuing the search in %s: %d of %d trials done", run.run_dir, done, wanted)
+        logger.info("Continuing the search in %s: %d of %d trials done", run.run_dir, done, target_trials)
     with tags("mmkd"):
-        for _ in range(done, wanted):
+        for _ in range(done, target_trials):
             trial = study.ask()
             outcome = run_trial(trial, run_config, dataset, paths, teacher["fingerprint"])
             if outcome["pruned"]:

@@ -1,9 +1,9 @@
 """The resumable state of one training stage, saved so that a killed stage continues where it was.
 
-A stage's state file contains everything the next step depends on: the weights of the model
-and of any module trained with it, the optimiser, the schedule, the gradient scaler, the
-weight average, every random number generator, the position (epoch and step), the
-history so far and the best epoch's weights. It is written to a temporary file, synced
+A stage's state file contains everything the next step depends on. That is the weights
+of the model and of any module trained with it, the optimiser, the schedule, the gradient
+scaler and the weight average. It also has every random number generator, the position
+(epoch and step), the history so far and the best epoch's weights. It is written to a temporary file, synced
 to disk and renamed over the previous one, so a kill at any moment leaves either the old
 state or the new one, never a torn file. It is read with `weights_only=True`: loading a
 state file runs no code from it.

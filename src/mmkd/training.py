@@ -2,9 +2,9 @@
 
 `fit` trains one model on the device and precision the config sets, with the
 configured schedule, gradient clipping, weight average and early stopping. It saves its
-state every few steps and at each epoch's end (mmkd.train_state) and, given a state
-saved before, continues from it: on the CPU with a fixed seed, a stage killed and
-resumed any number of times ends with the same weights as one that was never stopped.
+state every few steps and at each epoch's end (mmkd.train_state), and continues from a
+state saved before. On the CPU with a fixed seed, a stage killed and resumed any number
+of times ends with the same weights as one that was never stopped.
 Launched by torchrun, it trains with DistributedDataParallel, each process reading its
 share of every batch.
 """
