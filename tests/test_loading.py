@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mmkd.config import DataConfig
-from mmkd.data.loading import decode_audio, decode_image, load_dataset
+from mmkd.data.loading import decode_audio, decode_image, decode_to_cache, load_dataset
 from mmkd.errors import DataError
 
 from conftest import FSDD_DIR, require_shared_data
@@ -189,3 +189,28 @@ def test_decode_image_rejects_over_pixel_limit(tmp_path):
     config = DataConfig(manifest=path, image={"max_pixels": 1000}).image
     with pytest.raises(ValueError, match=r"declares 40x30 = 1200 pixels, above data\.image\.max_pixels = 1000"):
         decode_image(path, config)
+
+
+def test_decoding_workers_give_the_same_tensors(small_avdigits):
+    config = DataConfig(manifest=small_avdigits)
+    in_process = load_dataset(config)
+    in_workers = load_dataset(config.model_copy(update={"decode_workers": 2}))
+    assert in_workers.keys == in_process.keys
+    assert torch.equal(in_workers.mask, in_process.mask)
+    for modality in ("image", "audio"):
+        assert torch.equal(in_workers.inputs[modality], in_process.inputs[modality]), modality
+
+
+def test_decoding_workers_share_the_tensor_cache(small_avdigits, tmp_path):
+    config = DataConfig(manifest=small_avdigits)
+    first = decode_to_cache(config, tmp_path)
+    assert decode_to_cache(config.model_copy(update={"decode_workers": 2}), tmp_path) == first
+
+
+def test_file_broken_in_a_worker_names_its_row(data_folder):
+    (data_folder / "broken.wav").write_bytes(b"this is not a wav file")
+    rows = rows_for(data_folder)
+    rows[2]["audio"] = "broken.wav"
+    config = DataConfig(manifest=write_manifest(data_folder, rows), decode_workers=2)
+    with pytest.raises(DataError, match=r"row 3 \(id 'c'\), column 'audio': .*broken\.wav cannot be used because it does not decode"):
+        load_dataset(config)

@@ -30,6 +30,9 @@ from mmkd.errors import ConfigError, PluginError
 
 MODALITIES = ("image", "audio")  # the default of data.modalities; "text" is also accepted
 
+# Settings that choose in how many processes, or on which cluster, work runs, never what it computes.
+PLACEMENT_SETTINGS = ("data.decode_workers", "extract.workers", "extract.cluster_address")
+
 # The tensors each modality feeds a model, in order; they are also the ONNX input names.
 MODEL_INPUTS = {"image": ("image",), "audio": ("audio",), "text": ("input_ids", "attention_mask")}
 
@@ -128,6 +131,12 @@ class DataConfig(_Strict):
         description="Used only when the manifest has no split column.",
     )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N rows (for smoke runs).")
+    decode_workers: int = Field(
+        0, ge=0, le=256,
+        description="DataLoader worker processes that decode the files in parallel the first time a manifest is "
+        "read; 0 decodes in the calling process. The decoded rows are cached, so later stages, epochs and runs "
+        "decode no file. The result is the same for any number.",
+    )
     image: ImageConfig = Field(default_factory=ImageConfig, description="Image decoding.")
     audio: AudioConfig = Field(default_factory=AudioConfig, description="Audio decoding and the log-mel front end.")
     text: TextConfig = Field(default_factory=TextConfig, description="Limits on inline text.")
@@ -452,6 +461,17 @@ class ExtractConfig(_Strict):
         4096, ge=1, le=10**7, description="Rows per shard file; an interrupted extraction loses at most one shard's work.",
     )
     batch_size: int = Field(256, ge=1, le=65536, description="Rows per teacher forward pass.")
+    workers: int = Field(
+        1, ge=1, le=4096,
+        description="Dask workers that run the teacher on parts of the rows at once, each part a Prefect task "
+        "(pip install 'mmkd[dask]'). 1 runs in the flow's process; more start a local Dask cluster of that many "
+        "processes, on 127.0.0.1. The stored outputs are the same for any number.",
+    )
+    cluster_address: str | None = Field(
+        None,
+        description="Address of a running Dask scheduler (tcp://HOST:8786) to extract on, instead of a local "
+        "cluster. Its workers need mmkd installed and must see the run folder and the feature store at the same paths.",
+    )
     layers: list[str] = Field(
         default_factory=list,
         description="Teacher modules (names as in model.named_modules(), e.g. encoders.audio.encoder.stages.1) "
@@ -755,9 +775,21 @@ class RunConfig(_Strict):
         chosen = self.student.modalities or self.data.modalities
         return [m for m in self.data.modalities if m in chosen]
 
+    def result_settings(self) -> dict[str, Any]:
+        """Return the config as JSON values without PLACEMENT_SETTINGS: everything that decides a result."""
+        dumped = self.model_dump(mode="json")
+        for key in PLACEMENT_SETTINGS:
+            section, name = key.split(".")
+            del dumped[section][name]
+        return dumped
+
     def fingerprint(self) -> str:
-        """Return a short hash of the resolved config, stored with checkpoints and models."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Return a short hash of the resolved config, stored with checkpoints and models.
+
+        Settings that only place the work (PLACEMENT_SETTINGS) are left out, so a run resumed
+        with more workers is the same run.
+        """
+        text = json.dumps(self.result_settings(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -73,6 +73,7 @@ class FeatureStore:
         if dtype not in DTYPES:
             raise ValueError(f"feature store dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         self.dtype = dtype
+        self.layers = list(layers) if layers else None
         self.outputs = OUTPUTS + tuple(layer_output(name) for name in layers or [])
         suffix = f"-layers-{hashlib.sha256(json.dumps(sorted(layers)).encode()).hexdigest()[:8]}" if layers else ""
         self.folder = Path(root) / f"{teacher_fingerprint}-{dtype}{suffix}"
@@ -109,6 +110,13 @@ class FeatureStore:
     def missing(self, keys: list[str]) -> list[int]:
         """Return the positions in `keys` that have no stored outputs."""
         return [i for i, key in enumerate(keys) if key not in self._index]
+
+    def missing_unique(self, keys: list[str]) -> list[int]:
+        """Return one position in `keys` for each distinct key that has no stored outputs, in order."""
+        first: dict[str, int] = {}
+        for position in self.missing(keys):
+            first.setdefault(keys[position], position)
+        return list(first.values())
 
     def add(self, keys: list[str], outputs: Outputs) -> Path:
         """Write the outputs of `keys` as one new shard and return its folder.
@@ -220,10 +228,7 @@ def extract(
     """
     with store.locked():
         store.refresh()
-        todo: dict[str, int] = {}
-        for position in store.missing(keys):
-            todo.setdefault(keys[position], position)
-        positions = list(todo.values())
+        positions = store.missing_unique(keys)
         written = 0
         for start in range(0, len(positions), shard_rows):
             shard_positions = positions[start : start + shard_rows]

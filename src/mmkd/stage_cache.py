@@ -57,7 +57,7 @@ def dataset_fingerprint(config: RunConfig, state_dir: Path) -> str:
 
 def stage_keys(config: RunConfig, data_fingerprint: str) -> dict[str, str]:
     """Return each stage's cache key, in pipeline order."""
-    dumped = config.model_dump(mode="json")
+    dumped = config.result_settings()
     keys: dict[str, str] = {}
     for stage, (sections, upstream) in STAGE_INPUTS.items():
         inputs: dict[str, Any] = {

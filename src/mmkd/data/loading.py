@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from mmkd.runs import atomic_torch_save
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
+# Files per message between a decoding worker and the calling process.
+DECODE_BATCH = 32
 
 
 @dataclass
@@ -97,7 +100,8 @@ class TensorDataset:
 def _source_key(manifest: Manifest, data: DataConfig) -> str:
     """Hash the manifest bytes, every named file's size and mtime, and the preprocessing."""
     digest = hashlib.sha256(manifest.path.read_bytes())
-    digest.update(json.dumps([CACHE_FORMAT, data.model_dump(mode="json")], sort_keys=True).encode())
+    settings = data.model_dump(mode="json", exclude={"decode_workers"})
+    digest.update(json.dumps([CACHE_FORMAT, settings], sort_keys=True).encode())
     for modality in ("image", "audio"):
         if modality not in manifest.frame.columns:
             continue
@@ -144,9 +148,9 @@ def decode_to_cache(data: DataConfig, cache_dir: Path) -> Path:
     return cache_path
 
 
-def load_decoded(path: Path) -> TensorDataset:
-    """Load a tensor file that `decode_to_cache` wrote."""
-    return TensorDataset(**torch.load(path, weights_only=True))
+def load_decoded(path: Path, *, mmap: bool = False) -> TensorDataset:
+    """Load a tensor file that `decode_to_cache` wrote; with `mmap`, tensors are read from disk as they are used."""
+    return TensorDataset(**torch.load(path, weights_only=True, mmap=mmap))
 
 
 def load_dataset(data: DataConfig, *, cache_dir: Path | None = None) -> TensorDataset:
@@ -174,14 +178,17 @@ def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
     class_index = {c: i for i, c in enumerate(classes)}
     empty = {"image": np.zeros((data.image.channels, data.image.size, data.image.size), np.float32),
              "audio": np.zeros(data.audio.num_samples, np.float32)}
-    decoders = {"image": lambda p: decode_image(p, data.image), "audio": lambda p: decode_audio(p, data.audio)}
+
+    # Every image and recording in row order, decoded ahead of the loop below that consumes them.
+    files = [(modality, manifest.resolve(value)) for row in frame.itertuples(index=False) for modality in data.modalities
+             if modality != "text" and (value := getattr(row, modality, None)) is not None]
+    decoded = _decode_files(files, data)
 
     arrays: dict[str, list[np.ndarray]] = {m: [] for m in data.modalities if m != "text"}
     texts: list[str] = []
     mask = np.zeros((len(frame), len(data.modalities)), dtype=bool)
     digests = []
     for row_number, row in enumerate(frame.itertuples(index=False)):
-        row_id = str(row.id)
         digest = hashlib.sha256()
         digests.append(digest)
         for j, modality in enumerate(data.modalities):
@@ -195,13 +202,9 @@ def _decode(manifest: Manifest, data: DataConfig) -> TensorDataset:
                 arrays[modality].append(empty[modality])
                 digest.update(f"{modality}:absent".encode())
                 continue
-            path = manifest.resolve(value)
-            try:
-                array = decoders[modality](path)
-            except FileNotFoundError:
-                raise DataError(_row_message(manifest, row_number, row_id, modality, path, "the file does not exist")) from None
-            except (OSError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-                raise DataError(_row_message(manifest, row_number, row_id, modality, path, f"it does not decode: {exc}")) from None
+            array, problem = next(decoded)
+            if problem is not None:
+                raise DataError(_row_message(manifest, row_number, str(row.id), modality, manifest.resolve(value), problem))
             arrays[modality].append(array)
             mask[row_number, j] = True
             digest.update(modality.encode())
@@ -246,6 +249,50 @@ def tokenize(texts: list[str], data: DataConfig) -> dict[str, torch.Tensor]:
     tokenizer = load_tokenizer(data.text.tokenizer, allow_downloads=False)
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=data.text.max_length, return_tensors="np")
     return {name: torch.from_numpy(encoded[name].astype(np.int64)) for name in ("input_ids", "attention_mask")}
+
+
+class _FileDecoding(torch.utils.data.Dataset):
+    """The files of a manifest as a map-style dataset, so DataLoader workers can decode them in parallel.
+
+    Item i is (array, None) when file i decodes, else (None, the reason it does not), so that
+    the calling process raises the error with the row it belongs to.
+    """
+
+    def __init__(self, files: list[tuple[str, Path]], data: DataConfig) -> None:
+        self.files = files
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, str | None]:
+        modality, path = self.files[index]
+        try:
+            if modality == "image":
+                return decode_image(path, self.data.image), None
+            return decode_audio(path, self.data.audio), None
+        except FileNotFoundError:
+            return None, "the file does not exist"
+        except (OSError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            return None, f"it does not decode: {exc}"
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def _decode_files(files: list[tuple[str, Path]], data: DataConfig) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """Decode `files` in order, in `data.decode_workers` DataLoader worker processes (none: in this one)."""
+    decoding = _FileDecoding(files, data)
+    if data.decode_workers == 0 or not files:
+        yield from (decoding[i] for i in range(len(decoding)))
+        return
+    # Files go to and from the workers DECODE_BATCH at a time, which keeps the messages few.
+    loader = torch.utils.data.DataLoader(
+        decoding, batch_size=DECODE_BATCH, collate_fn=_as_list, num_workers=data.decode_workers,
+    )
+    for batch in loader:
+        yield from batch
 
 
 def _row_message(manifest: Manifest, row_number: int, row_id: str, column: str, path: Path, reason: str) -> str:
