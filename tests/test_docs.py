@@ -104,4 +104,7 @@ def test_training_howto_settings_are_valid_config(tmp_path):
         # A block of one stage's train settings is shown without its section.
         if set(block) <= set(TrainConfig.model_fields) - set(RunConfig.model_fields):
             block = {"distill": {"train": block}}
-        config_from_dict({"data": {"manifest": "m.csv"}, **block}, base_dir=tmp_path)
+        raw = {"data": {"manifest": "m.csv"}}
+        for section, values in block.items():
+            raw[section] = {**raw[section], **values} if section in raw else values
+        config_from_dict(raw, base_dir=tmp_path)
