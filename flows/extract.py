@@ -17,6 +17,7 @@ from mmkd.config import ExtractConfig, RunConfig
 from mmkd.data.loading import TensorDataset, decode_to_cache, load_decoded
 from mmkd.errors import ConfigError
 from mmkd.features import FeatureStore, Outputs, extract
+from mmkd.interpret import capture_layers
 from mmkd.flows._common import flow_logger, load_run_inputs, open_store
 from mmkd.models.multimodal import MultimodalClassifier
 from mmkd.training import resolve_device
@@ -40,7 +41,8 @@ def teacher_on_rows(teacher: MultimodalClassifier, inputs: tuple[torch.Tensor, .
     """Return the function that computes the store's `outputs` for chosen rows of `inputs`, on the run's device."""
     device = resolve_device(config.device)
     teacher = teacher.eval().to(device)
-    captured = capture_layers(teacher, [name for name in outputs if name.startswith("layer-")])
+    layers = [name.removeprefix("layer-") for name in outputs if name.startswith("layer-")]
+    captured, _ = capture_layers(teacher, layers, setting="extract.layers", owner="the teacher")
 
     @torch.no_grad()
     def run_teacher(positions: list[int]) -> Outputs:
@@ -140,43 +142,6 @@ def spread_missing(store: FeatureStore, checkpoint: Path, metadata: dict, datase
             written = sum(future.result() for future in futures)
         store.refresh()
         return written
-
-
-def average_positions(output: torch.Tensor | tuple) -> torch.Tensor:
-    """Reduce a layer's output to (rows, width).
-
-    4-D outputs (convolution maps) are averaged over their last two axes, 3-D outputs
-    (token or frame sequences) over their second axis; 2-D outputs are kept. A tuple, as
-    transformers blocks return, gives its first element.
-    """
-    x = output[0] if isinstance(output, tuple) else output
-    if x.dim() == 4:
-        return x.mean(dim=(2, 3))
-    if x.dim() == 3:
-        return x.mean(dim=1)
-    return x
-
-
-def capture_layers(teacher: torch.nn.Module, outputs: list[str]) -> dict[str, torch.Tensor]:
-    """Hook the teacher modules behind store outputs `outputs`; return the dict each forward pass fills.
-
-    Raises:
-        ConfigError: a module does not exist; the message lists the teacher's module names.
-    """
-    modules = dict(teacher.named_modules())
-    captured: dict[str, torch.Tensor] = {}
-    for output in outputs:
-        name = output.removeprefix("layer-")
-        if name not in modules:
-            known = [n for n in modules if n and n.count(".") <= 3]
-            raise ConfigError(f"extract.layers: the teacher has no module {name!r}; some of its modules: "
-                              f"{', '.join(known[:40])}")
-
-        def keep(_module, _inputs, result, output=output) -> None:
-            captured[output] = average_positions(result)
-
-        modules[name].register_forward_hook(keep)
-    return captured
 
 
 @flow(name="extract", description="Store the frozen teacher's logits and embeddings for every row.")
