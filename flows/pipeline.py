@@ -14,6 +14,7 @@ from mmkd.flows.export import export_flow
 from mmkd.flows.extract import extract_flow
 from mmkd.flows.finetune import finetune_flow
 from mmkd.flows.promote import promote_flow
+from mmkd.flows.report import report_flow
 from mmkd.flows.teacher import teacher_flow
 from mmkd.flows.validate import use_kept_rows, validate_flow
 from prefect import flow, tags
@@ -55,6 +56,8 @@ def _publish(metrics: dict, benchmark: list[dict], run_dir: Path, reused: dict[s
              ("Model card", run_dir / "model_repository" / "student" / "model_card.md"), ("Validation report", report)]
     if data_docs:
         links.append(("Data Docs", Path(data_docs)))
+    if (run_dir / "report" / "report.html").is_file():
+        links.append(("Run report", run_dir / "report" / "report.html"))
     reused_text = ", ".join(f"{stage} (from {Path(source).name})" for stage, source in reused.items()) or "none"
     create_markdown_artifact(
         key="run-summary",
@@ -210,6 +213,11 @@ def pipeline_flow(
                       model_card(metrics, benchmark, run_name=run_dir.name))
     _link_latest(run.out, run_dir)
 
+    report = None
+    if config.report.enabled:
+        with tags("mmkd"):
+            report = report_flow(str(run_dir))
+
     # Last, the gate: the registry's student is replaced only by one that is not worse.
     promotion = None
     if config.promotion.enabled:
@@ -223,4 +231,5 @@ def pipeline_flow(
         metrics["baseline"]["test"]["accuracy"], metrics["onnx"]["test"]["accuracy"],
         "not measured" if latency is None else f"{latency:.3f} ms",
     )
-    return {**metrics, "run_dir": str(run_dir), "benchmark": benchmark, "reused": run.reused, "promotion": promotion}
+    return {**metrics, "run_dir": str(run_dir), "benchmark": benchmark, "reused": run.reused, "promotion": promotion,
+            "report": report}

@@ -8,7 +8,7 @@ from mmkd.flows.pipeline import pipeline_flow
 
 from conftest import TINY_CONFIG, write_config
 
-STAGES = {"validate", "teacher", "extract", "distill", "finetune", "evaluate", "export", "benchmark", "promote"}
+STAGES = {"validate", "teacher", "extract", "distill", "finetune", "evaluate", "export", "benchmark", "report", "promote"}
 
 
 def test_pipeline_runs_every_stage_as_a_subflow_and_writes_the_run_folder(tmp_path, small_avdigits, prefect_server):

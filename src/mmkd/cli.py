@@ -42,6 +42,14 @@ def _build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--nproc", type=int, default=None,
                          help="Train in this many processes through torchrun (default: the config's distill.nproc).")
 
+    report = commands.add_parser("report", help="Rebuild the report of a finished run folder, without training.")
+    report.add_argument("run_dir", type=Path, help="Run folder of a finished run.")
+    report.add_argument("--out", type=Path, default=None, help="Folder for the report (default: RUN_DIR/report).")
+
+    compare = commands.add_parser("compare", help="Put finished runs side by side in one page.")
+    compare.add_argument("run_dirs", type=Path, nargs="+", help="Run folders of finished runs.")
+    compare.add_argument("--out", type=Path, required=True, help="Folder for compare.html and compare.md.")
+
     validate = commands.add_parser("validate", help="Check the config's manifest and the files it names.")
     validate.add_argument("config", type=Path, help="YAML run config.")
     validate.add_argument("--out", type=Path, required=True, help="Folder for validation.json, quarantine.csv and Data Docs.")
@@ -188,6 +196,33 @@ def _run(args: argparse.Namespace) -> int:
         result = distill_flow(str(args.run_dir), nproc=args.nproc)
         print(f"student_distilled.pt: {result['params']} parameters, val accuracy "
               f"{result['training']['best_val_accuracy']:.4f}, {result['training']['processes']} process(es)")
+        return 0
+
+    if args.command == "report":
+        from mmkd.config import load_config
+        from mmkd.run_report import build_report, write_report
+
+        settings = load_config(args.run_dir / "config.yaml").report if (args.run_dir / "config.yaml").is_file() else None
+        report = build_report(args.run_dir, **({"map_rows": settings.map_rows, "examples": settings.examples}
+                                               if settings else {}))
+        paths = write_report(report, args.out)
+        print(f"{len(report.figures)} figures; report {paths['html']} and {paths['markdown']}")
+        return 0
+
+    if args.command == "compare":
+        from mmkd.run_report import compare_runs, render_html, render_markdown
+        from mmkd.runs import atomic_write_text
+
+        report = compare_runs(args.run_dirs)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "figures").mkdir(exist_ok=True)
+        for figure in report.figures:
+            (args.out / "figures" / f"{figure.name}.png").write_bytes(figure.png)
+        atomic_write_text(args.out / "compare.html", render_html(report))
+        markdown = render_markdown(report)
+        atomic_write_text(args.out / "compare.md", markdown)
+        print(markdown)
+        print(f"Written {args.out / 'compare.html'}")
         return 0
 
     if args.command == "validate":

@@ -505,6 +505,17 @@ class ExportConfig(_Strict):
     )
 
 
+class ReportConfig(_Strict):
+    """The run report written at the end of each pipeline run (also by `mmkd report RUN_DIR`)."""
+
+    enabled: bool = Field(True, description="Write report/report.html and report/report.md and publish the markdown "
+                          "as a Prefect artifact at the end of each run.")
+    map_rows: int = Field(1000, ge=4, le=100_000, description="At most this many test rows go into the embedding maps "
+                          "and the layer similarity (CKA); t-SNE's time grows with the square of it.")
+    examples: int = Field(8, ge=0, le=64, description="How many of the rows where the student and the teacher "
+                          "disagree most are shown with their inputs.")
+
+
 class PromotionConfig(_Strict):
     """When a retrained student replaces the one in the model registry."""
 
@@ -700,6 +711,7 @@ class RunConfig(_Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation rules and policy.")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Latency measurement settings.")
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="The gate before a retrained student is promoted.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
     feature_store: Path | None = Field(
         None, description="Folder of cached teacher outputs; by default feature-store/ beside the runs."
     )

@@ -13,6 +13,8 @@ OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "GX_ANALYTICS_ENABLED": "False",
     "DO_NOT_TRACK": "1",
+    # MLflow reads DO_NOT_TRACK only when it is "true", so its own switch is set as well.
+    "MLFLOW_DISABLE_TELEMETRY": "true",
     # No model downloads from the Hugging Face hub unless the user allows them.
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

@@ -159,7 +159,8 @@ class FitResult:
     resumed: int = 0
 
     def summary(self) -> dict:
-        """Return what a checkpoint records of its training: epochs, best epoch and scores, time, resumptions."""
+        """Return what a checkpoint records of its training: epochs, best epoch and scores, time, resumptions, and
+        each epoch's losses and validation scores."""
         return {
             "epochs_run": self.epochs_run,
             "best_epoch": self.best_epoch,
@@ -168,6 +169,7 @@ class FitResult:
             "best_value": self.best_value,
             "seconds": self.seconds,
             "resumed": self.resumed,
+            "history": self.history,
         }
 
 
