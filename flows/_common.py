@@ -16,6 +16,8 @@ from mmkd.augment import Augmenter
 from mmkd.config import RunConfig, load_config
 from mmkd.data.loading import TensorDataset, decode_to_cache, load_decoded
 from mmkd.features import FeatureStore
+from mmkd.distributed import is_main_process
+from mmkd.tracking import TENSORBOARD_FOLDER, EpochScalars
 from mmkd.train_state import TrainingState
 
 # A worker's flow run process sets up logging before it imports mmkd, leaving mmkd's logger
@@ -75,6 +77,10 @@ class RunPaths:
         # The number of processes changes no result, so a stage killed under torchrun may resume in one process.
         one_process = config.model_copy(update={"distill": config.distill.model_copy(update={"nproc": 1})})
         return TrainingState(self.run_dir / "checkpoints" / stage, stage=stage, config_hash=one_process.fingerprint())
+
+    def tensorboard(self, config: RunConfig) -> Path | None:
+        """Return the folder of the run's TensorBoard events, or None when tracking.tensorboard is off."""
+        return self.run_dir / TENSORBOARD_FOLDER if config.tracking.tensorboard else None
 
     def feature_store(self, config: RunConfig) -> Path:
         return config.feature_store or self.run_dir.parent / "feature-store"
@@ -140,8 +146,10 @@ class EpochProgress:
     does nothing.
     """
 
-    def __init__(self, stage: str, epochs: int):
+    def __init__(self, stage: str, epochs: int, *, tensorboard: Path | None = None):
         self.stage, self.epochs, self.artifact_id = stage, epochs, None
+        # Only the first process writes events: under torchrun every process calls this.
+        self.scalars = EpochScalars(tensorboard / stage) if tensorboard is not None and is_main_process() else None
         if FlowRunContext.get() is None and TaskRunContext.get() is None:
             return
         from prefect.artifacts import create_progress_artifact
@@ -149,7 +157,9 @@ class EpochProgress:
         self.artifact_id = create_progress_artifact(0.0, description=f"{stage}: 0 of {epochs} epochs")
 
     def __call__(self, record: dict) -> None:
-        """Move the bar to the epoch in `record`, the value `fit` passes to `on_epoch`."""
+        """Move the bar to the epoch in `record`, the value `fit` passes to `on_epoch`, and log its scalars."""
+        if self.scalars is not None:
+            self.scalars.log(record)
         self._update(100.0 * record["epoch"] / self.epochs,
                      f"{self.stage}: {record['epoch']} of {self.epochs} epochs, val accuracy {record['val_accuracy']:.4f}")
 
@@ -158,6 +168,8 @@ class EpochProgress:
         stopped = f", stopped early after {epochs_run}" if epochs_run < self.epochs else ""
         planned = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''} planned"
         self._update(100.0, f"{self.stage}: done{stopped} ({planned})")
+        if self.scalars is not None:
+            self.scalars.close()
 
     def _update(self, progress: float, description: str) -> None:
         if self.artifact_id is None:

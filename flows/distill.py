@@ -71,7 +71,7 @@ def train_student(config: RunConfig, dataset: TensorDataset, store: FeatureStore
     """
     runtime = Runtime.from_config(config)
     student, objective = student_and_objective(config, dataset, store, paths, runtime)
-    progress = EpochProgress("distill", config.distill.train.epochs)
+    progress = EpochProgress("distill", config.distill.train.epochs, tensorboard=paths.tensorboard(config))
     state = paths.training_state("distill", config)
     result = fit(
         student, dataset.subset("train"), dataset.subset("val"), config.distill.train, objective, stage="distill",

@@ -27,7 +27,7 @@ def train_baseline(config: RunConfig, dataset: TensorDataset, paths: RunPaths) -
     seed_everything(config.seed + STUDENT_SEED_OFFSET)
     runtime = Runtime.from_config(config)
     baseline = build_model(config, "baseline", dataset.classes).to(runtime.device)
-    progress = EpochProgress("baseline", baseline_budget(config).epochs)
+    progress = EpochProgress("baseline", baseline_budget(config).epochs, tensorboard=paths.tensorboard(config))
     state = paths.training_state("baseline", config)
     schedule = baseline_budget(config)
     result = fit(

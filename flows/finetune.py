@@ -22,7 +22,7 @@ def finetune_flow(run_dir: str) -> dict:
     initial_state = {k: v.clone() for k, v in student.state_dict().items()}
 
     runtime = Runtime.from_config(config)
-    progress = EpochProgress("finetune", config.finetune.train.epochs)
+    progress = EpochProgress("finetune", config.finetune.train.epochs, tensorboard=paths.tensorboard(config))
     state = paths.training_state("finetune", config)
     schedule = config.finetune.train
     result = fit(

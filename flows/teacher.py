@@ -21,7 +21,7 @@ def train_teacher(config: RunConfig, dataset: TensorDataset, paths: RunPaths) ->
     seed_everything(config.seed)
     runtime = Runtime.from_config(config)
     model = build_model(config, "teacher", dataset.classes).to(runtime.device)
-    progress = EpochProgress("teacher", config.teacher.train.epochs)
+    progress = EpochProgress("teacher", config.teacher.train.epochs, tensorboard=paths.tensorboard(config))
     state = paths.training_state("teacher", config)
     schedule = config.teacher.train
     result = fit(

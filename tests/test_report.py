@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +23,10 @@ from conftest import write_config
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, small_avdigits, prefect_server):
-    """A pipeline run on 120 real rows, report included; returns (run folder, pipeline result)."""
+    """A pipeline run on 120 real rows, report and MLflow included; returns (run folder, pipeline result)."""
     root = tmp_path_factory.mktemp("report")
-    result = pipeline_flow(str(write_config(root / "configs", small_avdigits)), str(root / "runs"))
+    config = write_config(root / "configs", small_avdigits, tracking={"mlflow": True})
+    result = pipeline_flow(str(config), str(root / "runs"))
     return root / "runs" / result["run_dir"].split("/")[-1], result
 
 
@@ -169,3 +171,83 @@ def test_compare_spreads_over_seeds(finished_run, tmp_path):
 def test_folder_without_config_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"has no config.yaml"):
         build_report(tmp_path)
+
+
+def event_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a TensorBoard event folder, read by TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder)).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_every_epoch_scalar(finished_run):
+    from mmkd.checkpoints import load_checkpoint
+    from mmkd.config import load_config
+
+    run_dir, _ = finished_run
+    config = load_config(run_dir / "config.yaml")
+    _, student = load_checkpoint(run_dir / "student.pt", config)
+    _, teacher = load_checkpoint(run_dir / "teacher.pt", config)
+    histories = {"teacher": teacher["training"]["history"], "distill": student["training"]["distill"]["history"],
+                 "finetune": student["training"]["finetune"]["history"]}
+    for stage, history in histories.items():
+        scalars = event_scalars(run_dir / "tensorboard" / stage)
+        assert [step for step, _ in scalars["val/accuracy"]] == [record["epoch"] for record in history], stage
+        assert [value for _, value in scalars["train/loss"]] == pytest.approx([r["loss"] for r in history]), stage
+    assert {"train/hinton", "train/mse", "val/loss", "val/macro_f1", "time/epoch_seconds"} <= set(
+        event_scalars(run_dir / "tensorboard" / "distill"))
+
+
+def test_tensorboard_report_has_scores_and_figures(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    scalars = event_scalars(run_dir / "tensorboard" / "report")
+    assert scalars["test/student_accuracy"][0][1] == pytest.approx(metrics["student"]["test"]["accuracy"])
+    images = EventAccumulator(str(run_dir / "tensorboard" / "report"), size_guidance={"images": 0}).Reload()
+    figures = {p.stem for p in (run_dir / "report" / "figures").glob("*.png")}
+    assert set(images.Tags()["images"]) == {f"report/{name}" for name in figures}
+
+
+def test_projector_holds_both_embeddings(finished_run):
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    from mmkd.checkpoints import load_checkpoint
+    from mmkd.config import load_config
+    from mmkd.data.loading import load_dataset
+    from mmkd.training import predict
+
+    run_dir, _ = finished_run
+    folder = run_dir / "tensorboard" / "report"
+    projector = text_format.Parse((folder / "projector_config.pbtxt").read_text(), ProjectorConfig())
+    embeddings = {e.tensor_name.split(":")[0]: e for e in projector.embeddings}
+    assert set(embeddings) == {"teacher_fused_embedding", "student_fused_embedding"}
+
+    # The student's vectors are its fused embeddings of the test rows, computed here again.
+    config = load_config(run_dir / "config.yaml")
+    test = load_dataset(config.data).subset("test")
+    student, _ = load_checkpoint(run_dir / "student.pt", config)
+    _, expected = predict(student, test)
+    stored = np.loadtxt(folder / embeddings["student_fused_embedding"].tensor_path, delimiter="\t", ndmin=2)
+    assert np.allclose(stored, expected.numpy(), atol=1e-5)
+    labels = (folder / embeddings["student_fused_embedding"].metadata_path).read_text().split()
+    assert labels == [test.classes[i] for i in test.labels.tolist()]
+
+
+def test_mlflow_store_holds_run_and_onnx(finished_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == run_dir.name]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_student_accuracy"] == pytest.approx(metrics["student"]["test"]["accuracy"])
+    assert run.data.params["distill.train.epochs"] == "2"
+    assert "student.onnx" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    copy = client.download_artifacts(run.info.run_id, "student.onnx", str(tmp_path))
+    assert Path(copy).read_bytes() == (run_dir / "student.onnx").read_bytes()

@@ -516,6 +516,19 @@ class ReportConfig(_Strict):
                           "disagree most are shown with their inputs.")
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking: TensorBoard event files in each run folder, and MLflow as an option."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard events under <run>/tensorboard: each training "
+                              "stage's per-epoch scalars, and the report's scores, figures and embedding projector.")
+    mlflow: bool = Field(False, description="Log each run to MLflow: the config as parameters, test scores and "
+                         "training curves as metrics, student.onnx, metrics.json and the report as artifacts "
+                         "(pip install 'mmkd[mlflow]').")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; by default a local SQLite store, "
+                                   "<out>/mlflow.db, with artifacts under <out>/mlartifacts.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment; by default the config's name.")
+
+
 class PromotionConfig(_Strict):
     """When a retrained student replaces the one in the model registry."""
 
@@ -712,6 +725,7 @@ class RunConfig(_Strict):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Latency measurement settings.")
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="The gate before a retrained student is promoted.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="The run report.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard and MLflow.")
     feature_store: Path | None = Field(
         None, description="Folder of cached teacher outputs; by default feature-store/ beside the runs."
     )

@@ -59,7 +59,9 @@ def capture_layers(model: nn.Module, names: list[str], *, setting: str, owner: s
             known = [n for n in modules if n and n.count(".") <= 3]
             raise ConfigError(f"{setting}: {owner} has no module {name!r}; some of its modules: {', '.join(known[:40])}")
 
-        def keep(_module, _inputs, result, output=key.format(name)) -> None:
+        output = key.format(name)
+
+        def keep(_module, _inputs, result, output=output) -> None:
             captured[output] = average_positions(result)
 
         handles.append(modules[name].register_forward_hook(keep))

@@ -63,6 +63,9 @@ class Report:
     run_dir: Path
     sections: list[Section]
     numbers: dict
+    # The fused embeddings of the mapped test rows, by model, and those rows' class names.
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    embedding_labels: list[str] = field(default_factory=list)
 
     @property
     def figures(self) -> list[Figure]:
@@ -104,6 +107,8 @@ class _RunInputs:
     metrics: dict | None
     benchmark: list[dict]
     validation: dict | None
+    embeddings: dict = field(default_factory=dict)
+    embedding_labels: list = field(default_factory=list)
 
 
 def _load_run(run_dir: Path) -> _RunInputs:
@@ -170,7 +175,9 @@ def build_report(run_dir: Path, *, map_rows: int = 1000, examples: int = 8, seed
     if attention is not None:
         sections.append(attention)
     title = f"Run report: {run.config.name}, seed {run.config.seed}"
-    return Report(title, run.run_dir, sections, numbers)
+    report = Report(title, run.run_dir, sections, numbers)
+    report.embeddings, report.embedding_labels = run.embeddings, run.embedding_labels
+    return report
 
 
 def _data_section(run: _RunInputs, numbers: dict) -> Section:
@@ -435,6 +442,8 @@ def _embedding_section(run: _RunInputs, numbers: dict, map_rows: int, seed: int)
         model = run.models[role]
         inputs = subset.with_modalities(model.modalities).model_inputs()
         layers[role] = interpret.layer_outputs(model, inputs, interpret.comparable_layers(model))
+        run.embeddings[role] = layers[role]["fusion"].float().numpy()
+    run.embedding_labels = [classes[label] for label in labels.tolist()]
     maps = {}
     for method, make in (("pca", interpret.pca_2d), ("tsne", lambda x: interpret.tsne_2d(x, seed=seed))):
         figure, axes = plt.subplots(1, 2, figsize=(10, 4.4))

@@ -37,10 +37,10 @@ STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # Files and folders each stage writes into the run folder.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "validate": ("validation",),
-    "teacher": ("teacher.pt",),
-    "distill": ("student_distilled.pt",),
-    "finetune": ("student.pt",),
-    "evaluate": ("baseline.pt",),
+    "teacher": ("teacher.pt", "tensorboard/teacher"),
+    "distill": ("student_distilled.pt", "tensorboard/distill"),
+    "finetune": ("student.pt", "tensorboard/finetune"),
+    "evaluate": ("baseline.pt", "tensorboard/baseline"),
     "export": ("student.onnx", "teacher.onnx", "variants", "model_repository"),
     "benchmark": ("benchmark.json", "benchmark.md", "latency.svg"),
 }
