@@ -168,6 +168,32 @@ def test_compare_spreads_over_seeds(finished_run, tmp_path):
     assert len(report.sections[0].tables[0].rows) == 2
 
 
+def test_report_spreads_over_sibling_seeds(finished_run, tmp_path):
+    import yaml
+
+    run_dir, _ = finished_run
+    out = tmp_path / "runs"
+    shutil.copytree(run_dir, out / run_dir.name)
+    shutil.copytree(run_dir.parent / "cache", out / "cache")
+    # A run of the same config with seed 1, whose student scored 0.2 less.
+    sibling = out / "20991231T000000Z-tiny-seed1"
+    sibling.mkdir()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["seed"] = 1
+    (sibling / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    accuracies = [metrics["student"]["test"]["accuracy"], metrics["student"]["test"]["accuracy"] - 0.2]
+    metrics["student"]["test"]["accuracy"] = accuracies[1]
+    (sibling / "metrics.json").write_text(json.dumps(metrics))
+
+    report = build_report(out / run_dir.name)
+    assert sorted(report.numbers["seeds"]) == ["0", "1"]
+    table = next(t for s in report.sections if s.title == "Metrics" for t in s.tables if t.columns[1] == "test accuracy"
+                 and t.columns[0] == "model" and len(t.columns) == 3)
+    student = next(row for row in table.rows if row[0] == "student")
+    assert student[1] == f"{np.mean(accuracies):.4f} ± {np.std(accuracies, ddof=1):.4f}"
+
+
 def test_folder_without_config_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"has no config.yaml"):
         build_report(tmp_path)

@@ -210,19 +210,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "compare":
-        from mmkd.run_report import compare_runs, render_html, render_markdown
-        from mmkd.runs import atomic_write_text
+        from mmkd.run_report import compare_runs, write_comparison
 
-        report = compare_runs(args.run_dirs)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "figures").mkdir(exist_ok=True)
-        for figure in report.figures:
-            (args.out / "figures" / f"{figure.name}.png").write_bytes(figure.png)
-        atomic_write_text(args.out / "compare.html", render_html(report))
-        markdown = render_markdown(report)
-        atomic_write_text(args.out / "compare.md", markdown)
-        print(markdown)
-        print(f"Written {args.out / 'compare.html'}")
+        paths = write_comparison(compare_runs(args.run_dirs), args.out)
+        print(paths["markdown"].read_text(encoding="utf-8"))
+        print(f"Written {paths['html']}")
         return 0
 
     if args.command == "validate":

@@ -61,7 +61,8 @@ def run_demo(
     """Build the data, run the pipeline once per seed and return the per-seed summary.
 
     Writes `out_dir/data/` (manifest, images, recordings), `out_dir/config.yaml`, one run
-    folder per seed under `out_dir/runs/`, and `out_dir/summary.json`.
+    folder per seed under `out_dir/runs/`, `out_dir/summary.json` and, with several
+    seeds, `out_dir/compare/compare.html` with the runs side by side.
     """
     from mmkd.flows.pipeline import pipeline_flow
 
@@ -91,6 +92,10 @@ def run_demo(
         key.removesuffix("_accuracy"): statistics.fmean(summary[key])
         for key in ("teacher_accuracy", "student_accuracy", "baseline_accuracy", "onnx_accuracy")
     }
+    if seeds > 1:
+        from mmkd.run_report import compare_runs, write_comparison
+
+        summary["comparison"] = str(write_comparison(compare_runs(summary["run_dirs"]), out_dir / "compare")["html"])
     atomic_write_json(out_dir / "summary.json", summary)
     summary["tables"] = [summary_table(r, r["benchmark"]) for r in results]
     return summary

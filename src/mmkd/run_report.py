@@ -261,6 +261,17 @@ def _metrics_section(run: _RunInputs, outputs: dict, numbers: dict) -> Section:
         numbers["metrics_table"] = rows
     else:
         section.paragraphs.append("This run has no metrics.json: its evaluate stage did not run.")
+    seeds = _seed_metrics(run)
+    if len(seeds) > 1:
+        section.paragraphs.append(f"Over the {len(seeds)} seeds of this config finished in the same output folder "
+                                  f"({', '.join(map(str, sorted(seeds)))}), mean ± standard deviation:")
+        section.tables.append(Table(
+            ["model", "test accuracy", "macro-F1"],
+            [[label, _spread([m[key]["test"]["accuracy"] for m in seeds.values()]),
+              _spread([m[key]["test"]["macro_f1"] for m in seeds.values()])] for key, label in COMPARED],
+        ))
+        numbers["seeds"] = {str(seed): {key: metrics[key]["test"]["accuracy"] for key, _ in COMPARED}
+                            for seed, metrics in seeds.items()}
     classes = run.dataset.classes
     labels = run.test.labels
     scores = {role: classification_metrics(output["probs"].float(), labels, classes) for role, output in outputs.items()}
@@ -288,6 +299,25 @@ def _metrics_section(run: _RunInputs, outputs: dict, numbers: dict) -> Section:
     section.figures.append(Figure("confusion", "Confusion matrices on the test split", _png(figure),
                                   "Rows are the true classes; the shading is each row's share, the numbers are rows."))
     return section
+
+
+def _seed_metrics(run: _RunInputs) -> dict[int, dict]:
+    """Return metrics.json of the newest finished run of each seed of this run's config, beside this run.
+
+    A run counts when its config, with the seed set to this run's, has the same fingerprint.
+    """
+    from mmkd.config import load_config
+
+    found: dict[int, dict] = {}
+    # Run folders start with their UTC start time, so in name order a later run of a seed replaces an earlier one.
+    for path in sorted(run.run_dir.parent.glob("*/metrics.json")):
+        try:
+            other = load_config(path.parent / "config.yaml")
+        except (OSError, ValueError):
+            continue
+        if other.model_copy(update={"seed": run.config.seed}).fingerprint() == run.config.fingerprint():
+            found[other.seed] = json.loads(path.read_text())
+    return found
 
 
 def _calibration_section(run: _RunInputs, outputs: dict, numbers: dict) -> Section:
@@ -685,3 +715,16 @@ def compare_runs(run_dirs: list[Path]) -> Report:
     axis.legend(fontsize=8, loc="lower right")
     section.figures.append(Figure("compare-accuracy", "Test accuracy by run", _png(figure)))
     return Report(f"Comparison of {len(runs)} runs", Path(run_dirs[0]).parent, [section], {"runs": runs})
+
+
+def write_comparison(report: Report, folder: Path) -> dict[str, Path]:
+    """Write a comparison from `compare_runs` as compare.html, compare.md and figures/*.png in `folder`."""
+    from mmkd.runs import atomic_write_text
+
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    for figure in report.figures:
+        (folder / "figures" / f"{figure.name}.png").write_bytes(figure.png)
+    paths = {"html": folder / "compare.html", "markdown": folder / "compare.md"}
+    atomic_write_text(paths["html"], render_html(report))
+    atomic_write_text(paths["markdown"], render_markdown(report))
+    return paths
