@@ -224,6 +224,27 @@ def test_predict_one_text(text_run):
     assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_report_shows_disputed_texts(text_run):
+    import re
+
+    import pandas as pd
+
+    from mmkd.run_report import build_report
+
+    folder, config, _, _, _ = text_run
+    report = build_report(folder, examples=4)
+    assert "disagreements" in {figure.name for figure in report.figures}
+    manifest = pd.read_csv(config.data.manifest)
+    texts = dict(zip(manifest["id"].astype(str), manifest["text"], strict=True))
+
+    def letters(text: str) -> str:
+        return re.sub(r"\W", "", text.lower())
+
+    # The uncased tokenizer lowercases and respaces, so the words are compared without either.
+    for entry in report.numbers["disagreements"]:
+        assert letters(entry["text"]) == letters(texts[entry["id"]]), entry["id"]
+
+
 def test_text_keys_ignore_padding(tmp_path):
     import yaml
 

@@ -140,19 +140,21 @@ def _load_run(run_dir: Path) -> _RunInputs:
                       read("benchmark.json") or [], read("validation/validation.json"))
 
 
-def build_report(run_dir: Path, *, map_rows: int = 1000, examples: int = 8, seed: int = 0) -> Report:
+def build_report(run_dir: Path, *, map_rows: int = 1000, examples: int = 8, seed: int | None = None) -> Report:
     """Compute every section of the report of the run in `run_dir`; nothing is trained.
 
     Args:
         run_dir: A run folder that finished at least its finetune stage.
         map_rows: At most this many test rows go into the embedding maps and the CKA.
         examples: How many of the rows where student and teacher disagree most are shown.
-        seed: Seed of the t-SNE maps and of the choice of rows when there are more than `map_rows`.
+        seed: Seed of the t-SNE maps and of the choice of rows when there are more than `map_rows`;
+            by default the run's seed.
 
     Raises:
         ConfigError: the folder is not a run folder, or lacks the teacher or the student.
     """
     run = _load_run(Path(run_dir))
+    seed = run.config.seed if seed is None else seed
     test = run.test
     numbers: dict = {"run_dir": str(run.run_dir), "test_rows": len(test)}
     outputs = {}
@@ -353,11 +355,15 @@ def _agreement_section(run: _RunInputs, outputs: dict, numbers: dict, examples: 
     section.paragraphs.append(f"The student predicts the teacher's class on {overall:.1%} of the {len(labels)} test rows.")
     section.tables.append(Table(["class", "agreement"], [[name, _number(value, 3)] for name, value in by_class.items()]))
     worst = interpret.disagreements(teacher, student, count=min(examples, len(labels)))
-    numbers["disagreements"] = [{**entry, "id": run.test.ids[entry["row"]], "label": classes[int(labels[entry["row"]])]}
-                                for entry in worst]
+    texts = _texts(run) if "text" in run.test.modalities else None
+    numbers["disagreements"] = [
+        {**entry, "id": run.test.ids[entry["row"]], "label": classes[int(labels[entry["row"]])],
+         **({"text": texts[entry["row"]]} if texts is not None else {})}
+        for entry in worst
+    ]
     if worst:
         section.figures.append(Figure("disagreements", "Where the student and the teacher disagree most",
-                                      _disagreement_png(run, worst),
+                                      _disagreement_png(run, worst, texts),
                                       "Ranked by the total variation distance between the two predicted distributions."))
     return section
 
@@ -368,11 +374,10 @@ def _spectrogram(waveform: torch.Tensor) -> np.ndarray:
     return torch.log1p(spectrum.abs()).numpy()
 
 
-def _disagreement_png(run: _RunInputs, worst: list[dict]) -> bytes:
+def _disagreement_png(run: _RunInputs, worst: list[dict], texts: list[str] | None) -> bytes:
     plt = _pyplot()
     test, classes = run.test, run.dataset.classes
     modalities = [m for m in test.modalities if m in ("image", "audio", "text")]
-    texts = _texts(run) if "text" in modalities else None
     figure, axes = plt.subplots(len(modalities), len(worst), figsize=(2.1 * len(worst), 2.1 * len(modalities)),
                                 squeeze=False)
     for column, entry in enumerate(worst):
