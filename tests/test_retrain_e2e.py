@@ -121,7 +121,7 @@ def test_deploy_registers_every_deployment(live, deployed):
     deployments = api(live, lambda client: client.read_deployments())
     by_name = {d.name: d for d in deployments}
     assert set(by_name) == {"pipeline", "retrain", "watch", "validate", "teacher", "extract", "distill",
-                            "finetune", "evaluate", "export", "benchmark", "tune"}
+                            "finetune", "evaluate", "export", "benchmark", "report", "tune"}
     assert {d.work_pool_name for d in deployments} == {"mmkd-process"}
     assert by_name["pipeline"].schedules[0].active is False
     assert by_name["watch"].schedules[0].schedule.interval.total_seconds() == 300
