@@ -39,10 +39,11 @@ class Figure:
 
 @dataclass
 class Table:
-    """A table of the report: column names and rows of cell text."""
+    """A table of the report: column names, rows of cell text, and a line shown above it."""
 
     columns: list[str]
     rows: list[list[str]]
+    caption: str = ""
 
 
 @dataclass
@@ -219,6 +220,8 @@ def _stage_histories(run: _RunInputs) -> dict[str, list[dict]]:
 
 def _training_section(run: _RunInputs, numbers: dict) -> Section:
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     section = Section("Training")
     histories = _stage_histories(run)
     numbers["history"] = histories
@@ -243,6 +246,8 @@ def _training_section(run: _RunInputs, numbers: dict) -> Section:
             right.plot(epochs, [record[name] for record in history], marker="o", markersize=3, label=name)
         right.set(xlabel="epoch", ylabel="score", title=f"{stage}: validation", ylim=(0, 1.02))
         right.legend(fontsize=8)
+        for axis in (left, right):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         section.figures.append(Figure(f"curves-{stage}", f"{stage} training curves", _png(figure),
                                       "Each loss term is the mean over the epoch's training rows."))
     return section
@@ -265,12 +270,12 @@ def _metrics_section(run: _RunInputs, outputs: dict, numbers: dict) -> Section:
         section.paragraphs.append("This run has no metrics.json: its evaluate stage did not run.")
     seeds = _seed_metrics(run)
     if len(seeds) > 1:
-        section.paragraphs.append(f"Over the {len(seeds)} seeds of this config finished in the same output folder "
-                                  f"({', '.join(map(str, sorted(seeds)))}), mean ± standard deviation:")
         section.tables.append(Table(
             ["model", "test accuracy", "macro-F1"],
             [[label, _spread([m[key]["test"]["accuracy"] for m in seeds.values()]),
               _spread([m[key]["test"]["macro_f1"] for m in seeds.values()])] for key, label in COMPARED],
+            caption=f"Over the {len(seeds)} seeds of this config and data finished in the same output folder "
+                    f"({', '.join(map(str, sorted(seeds)))}), mean ± standard deviation:",
         ))
         numbers["seeds"] = {str(seed): {key: metrics[key]["test"]["accuracy"] for key, _ in COMPARED}
                             for seed, metrics in seeds.items()}
@@ -304,21 +309,32 @@ def _metrics_section(run: _RunInputs, outputs: dict, numbers: dict) -> Section:
 
 
 def _seed_metrics(run: _RunInputs) -> dict[int, dict]:
-    """Return metrics.json of the newest finished run of each seed of this run's config, beside this run.
+    """Return metrics.json of the newest finished run of each seed of this run's config and data, beside this run.
 
-    A run counts when its config, with the seed set to this run's, has the same fingerprint.
+    A run counts when it read data with the same fingerprint, and its config equals this
+    run's once the seed and the manifest path are set alike: validation points each run's
+    config at the clean manifest in its own folder.
     """
     from mmkd.config import load_config
 
+    if run.metrics is None:
+        return {}
+
+    def settings(config) -> str:
+        data = config.data.model_copy(update={"manifest": Path("manifest")})
+        return config.model_copy(update={"seed": 0, "data": data}).fingerprint()
+
+    ours, data = settings(run.config), run.metrics["run"]["data_fingerprint"]
     found: dict[int, dict] = {}
     # Run folders start with their UTC start time, so in name order a later run of a seed replaces an earlier one.
     for path in sorted(run.run_dir.parent.glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
         try:
             other = load_config(path.parent / "config.yaml")
         except (OSError, ValueError):
             continue
-        if other.model_copy(update={"seed": run.config.seed}).fingerprint() == run.config.fingerprint():
-            found[other.seed] = json.loads(path.read_text())
+        if metrics["run"].get("data_fingerprint") == data and settings(other) == ours:
+            found[other.seed] = metrics
     return found
 
 
@@ -583,7 +599,8 @@ def _attention_section(run: _RunInputs, outputs: dict, numbers: dict) -> Section
 def _html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in table.rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    caption = f"<p>{html.escape(table.caption)}</p>" if table.caption else ""
+    return f"{caption}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 STYLE = """
@@ -615,7 +632,8 @@ def render_html(report: Report) -> str:
 
 
 def _markdown_table(table: Table) -> str:
-    lines = ["| " + " | ".join(table.columns) + " |", "| " + " | ".join("---" for _ in table.columns) + " |"]
+    lines = [table.caption, ""] if table.caption else []
+    lines += ["| " + " | ".join(table.columns) + " |", "| " + " | ".join("---" for _ in table.columns) + " |"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table.rows]
     return "\n".join(lines)
 
