@@ -95,7 +95,7 @@ def test_pca_of_line_explains_everything():
 
 def test_pca_signs_are_fixed():
     x = torch.randn(25, 4, generator=torch.Generator().manual_seed(5))
-    assert np.array_equal(pca_2d(x).points, pca_2d(-(-x)).points)
+    assert np.array_equal(pca_2d(x).points, pca_2d(x.clone()).points)
 
 
 def separated_clusters(rows_per_cluster: int = 20) -> tuple[torch.Tensor, np.ndarray]:
