@@ -84,7 +84,7 @@ def time_extraction(manifest: Path, root: Path, workers: int, cluster_address: s
         classes = [str(d) for d in range(10)]
         save_checkpoint(folder / "teacher.pt", build_model(config, "teacher", classes), config, "teacher", classes)
         folders[side] = (folder, config.feature_store)
-    # Both runs read the decoded rows from the shared cache; decoding is timed above, not here.
+    # Every side reads the decoded rows from the shared cache, so decoding is not timed here.
     decode_to_cache(config.data, root / "cache")
 
     times: dict[str, list[float]] = {side: [] for side in sides}

@@ -104,7 +104,7 @@ def dask_task_runner(extract: ExtractConfig):
         ) from None
     if extract.cluster_address:
         return DaskTaskRunner(address=extract.cluster_address)
-    # One single-threaded process per worker; the scheduler, the workers and the dashboard listen on loopback only.
+    # One single-threaded process per worker. The scheduler, the workers and the dashboard listen on loopback only.
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": extract.workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
         "dashboard_address": "127.0.0.1:0",
