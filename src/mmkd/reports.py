@@ -68,14 +68,11 @@ PLOT_WIDTH, PLOT_HEIGHT, MARGIN_LEFT, MARGIN_TOP = 520, 320, 70, 30
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
-def latency_plot_svg(rows: list[dict]) -> str:
-    """Return an SVG line chart of p50 latency against batch size, one line per model and engine.
+def latency_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Group benchmark rows into (batch size, p50 ms) lines, one per model and engine.
 
-    Both axes are logarithmic, so equal steps mean equal ratios. Written by hand to keep
-    plotting free of dependencies; each line is a <polyline> whose `data-series` names it.
+    When the rows were timed at several recording or text lengths, each length is a line of its own.
     """
-    import math
-
     lengths = {row.get("audio_samples") for row in rows}
     token_lengths = {row.get("tokens") for row in rows}
     series: dict[str, list[tuple[int, float]]] = {}
@@ -86,6 +83,18 @@ def latency_plot_svg(rows: list[dict]) -> str:
         if len(token_lengths) > 1:
             name += f" / {row.get('tokens')} tokens"
         series.setdefault(name, []).append((row["batch_size"], row["p50_ms"]))
+    return series
+
+
+def latency_plot_svg(rows: list[dict]) -> str:
+    """Return an SVG line chart of p50 latency against batch size, one line per model and engine.
+
+    Both axes are logarithmic, so equal steps mean equal ratios. Written by hand to keep
+    plotting free of dependencies; each line is a <polyline> whose `data-series` names it.
+    """
+    import math
+
+    series = latency_series(rows)
     batches = sorted({b for points in series.values() for b, _ in points})
     latencies = [ms for points in series.values() for _, ms in points]
     x_low, x_high = math.log2(batches[0]), math.log2(batches[-1])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mmkd import interpret
-from mmkd.reports import metrics_rows
+from mmkd.reports import latency_series, metrics_rows
 
 MODELS = ("teacher", "student", "baseline")
 COLOURS = {"teacher": "#1f77b4", "student": "#ff7f0e", "baseline": "#7f7f7f"}
@@ -458,14 +458,14 @@ def _size_section(run: _RunInputs, numbers: dict) -> Section:
     if not run.benchmark:
         section.paragraphs.append("This run has no benchmark.json: its benchmark stage did not run.")
         return section
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in run.benchmark:
-        series.setdefault(f"{row['model']} / {row['engine']}", []).append((row["batch_size"], row["p50_ms"]))
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    for name, points in sorted(series.items()):
+    for name, points in sorted(latency_series(run.benchmark).items()):
         points = sorted(points)
         axis.plot([b for b, _ in points], [ms for _, ms in points], marker="o", label=name)
-    axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="p50 latency, ms", title="Latency by batch size")
+    batches = sorted({row["batch_size"] for row in run.benchmark})
+    axis.set_xscale("log", base=2)
+    axis.set(yscale="log", xticks=batches, xticklabels=[str(b) for b in batches], xlabel="batch size",
+             ylabel="p50 latency, ms", title="Latency by batch size")
     axis.legend(fontsize=8)
     provider = sorted({row["provider"] for row in run.benchmark if row["engine"] == "onnxruntime"})
     section.figures.append(Figure("latency", "Latency", _png(figure),
