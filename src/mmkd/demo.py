@@ -95,7 +95,8 @@ def run_demo(
     if seeds > 1:
         from mmkd.run_report import compare_runs, write_comparison
 
-        summary["comparison"] = str(write_comparison(compare_runs(summary["run_dirs"]), out_dir / "compare")["html"])
+        written = write_comparison(compare_runs(summary["run_dirs"]), out_dir / "compare")
+        summary["comparison"] = str(written["html"].resolve())
     atomic_write_json(out_dir / "summary.json", summary)
     summary["tables"] = [summary_table(r, r["benchmark"]) for r in results]
     return summary

@@ -154,7 +154,8 @@ def build_report(run_dir: Path, *, map_rows: int = 1000, examples: int = 8, seed
     Raises:
         ConfigError: the folder is not a run folder, or lacks the teacher or the student.
     """
-    run = _load_run(Path(run_dir))
+    # A link such as runs/latest is followed, so the report names the run folder itself.
+    run = _load_run(Path(run_dir).resolve())
     seed = run.config.seed if seed is None else seed
     test = run.test
     numbers: dict = {"run_dir": str(run.run_dir), "test_rows": len(test)}
@@ -649,9 +650,10 @@ def render_markdown(report: Report, *, figure_folder: str | None = "figures") ->
             parts += [_markdown_table(table), ""]
         for figure in section.figures:
             if figure_folder is None:
-                parts += [f"Figure: {figure.title} (`report/figures/{figure.name}.png`)", ""]
+                parts += [f"Figure: {figure.title} (`report/figures/{figure.name}.png`). {figure.caption}".rstrip(), ""]
             else:
                 parts += [f"![{figure.title}]({figure_folder}/{figure.name}.png)", ""]
+                parts += [figure.caption, ""] if figure.caption else []
     return "\n".join(parts)
 
 
@@ -696,7 +698,8 @@ def compare_runs(run_dirs: list[Path]) -> Report:
 
     plt = _pyplot()
     runs = []
-    for run_dir in map(Path, run_dirs):
+    run_dirs = [Path(run_dir).resolve() for run_dir in run_dirs]
+    for run_dir in run_dirs:
         if not (run_dir / "metrics.json").is_file():
             raise ConfigError(f"{run_dir} has no metrics.json: compare takes run folders of finished runs")
         metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -737,7 +740,7 @@ def compare_runs(run_dirs: list[Path]) -> Report:
     axis.set_xticklabels([f"{r['name']}\nseed {r['seed']}" for r in runs], fontsize=8)
     axis.legend(fontsize=8, loc="lower right")
     section.figures.append(Figure("compare-accuracy", "Test accuracy by run", _png(figure)))
-    return Report(f"Comparison of {len(runs)} runs", Path(run_dirs[0]).parent, [section], {"runs": runs})
+    return Report(f"Comparison of {len(runs)} runs", run_dirs[0].parent, [section], {"runs": runs})
 
 
 def write_comparison(report: Report, folder: Path) -> dict[str, Path]:
