@@ -92,6 +92,17 @@ def write_config(folder: Path, manifest: Path, **changes) -> Path:
     return path
 
 
+
+def prepared_run(root: Path, manifest: Path, name: str, **changes):
+    """Write TINY_CONFIG with `changes` and a run folder root/name holding it resolved; return (folder, config)."""
+    from mmkd.config import load_config, save_config
+
+    config = load_config(write_config(root / f"{name}-config", manifest, **changes))
+    folder = root / name
+    folder.mkdir()
+    save_config(config, folder / "config.yaml")
+    return folder, config
+
 # Run mmkd's CLI in a fresh interpreter where importing torch or Prefect fails, as where neither is installed.
 WITHOUT_TORCH_OR_PREFECT = (
     "import sys; sys.modules['torch'] = None; sys.modules['prefect'] = None; "

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mmkd.checkpoints import load_checkpoint
-from mmkd.config import load_config, save_config
 from mmkd.data.loading import load_dataset
 from mmkd.flows._common import RunPaths
 from mmkd.flows.distill import combined_logits, distill_flow
@@ -14,15 +13,7 @@ from mmkd.flows.extract import extract_flow
 from mmkd.flows.teacher import teacher_flow
 from mmkd.training import predict
 
-from conftest import write_config
-
-
-def prepared_run(root, manifest, name, **changes):
-    config = load_config(write_config(root / f"{name}-config", manifest, **changes))
-    folder = root / name
-    folder.mkdir()
-    save_config(config, folder / "config.yaml")
-    return folder, config
+from conftest import prepared_run
 
 
 @pytest.fixture(scope="module")

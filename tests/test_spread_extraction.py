@@ -9,24 +9,19 @@ import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from mmkd.config import load_config, save_config
 from mmkd.data.loading import load_dataset
 from mmkd.errors import ConfigError
 from mmkd.features import FeatureStore
 from mmkd.flows.extract import dask_task_runner, extract_flow
 from mmkd.flows.teacher import teacher_flow
 
-from conftest import write_config
+from conftest import prepared_run
 
 
 def run_folder(root, small_avdigits, name: str, **extract) -> tuple:
     """Write a run folder whose config has `extract` settings and its own feature store; return (folder, config)."""
-    config = load_config(write_config(root / f"configs-{name}", small_avdigits,
-                                      extract={"shard_rows": 50, **extract}, feature_store=str(root / f"store-{name}")))
-    folder = root / name
-    folder.mkdir()
-    save_config(config, folder / "config.yaml")
-    return folder, config
+    return prepared_run(root, small_avdigits, name, extract={"shard_rows": 50, **extract},
+                        feature_store=str(root / f"store-{name}"))
 
 
 @pytest.fixture(scope="module")

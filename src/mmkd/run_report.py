@@ -500,15 +500,15 @@ def _embedding_section(run: _RunInputs, numbers: dict, map_rows: int, seed: int)
     for method, make in (("pca", interpret.pca_2d), ("tsne", lambda x: interpret.tsne_2d(x, seed=seed))):
         figure, axes = plt.subplots(1, 2, figsize=(10, 4.4))
         for axis, role in zip(axes, ("teacher", "student"), strict=True):
-            made = make(layers[role]["fusion"]) if len(rows) >= 4 else None
-            if made is None:
+            projection = make(layers[role]["fusion"]) if len(rows) >= 4 else None
+            if projection is None:
                 axis.text(0.5, 0.5, "too few test rows", ha="center")
                 continue
-            maps.setdefault(method, {})[role] = made
-            scatter = axis.scatter(made.points[:, 0], made.points[:, 1], c=labels, cmap="tab10", s=8,
+            maps.setdefault(method, {})[role] = projection
+            scatter = axis.scatter(projection.points[:, 0], projection.points[:, 1], c=labels, cmap="tab10", s=8,
                                    vmin=0, vmax=max(len(classes) - 1, 1))
-            share = f", {made.explained[0]:.0%} + {made.explained[1]:.0%} of the variance" if made.explained else ""
-            axis.set(title=f"{role}: {made.method}{share}", xticks=[], yticks=[])
+            share = f", {projection.explained[0]:.0%} + {projection.explained[1]:.0%} of the variance" if projection.explained else ""
+            axis.set(title=f"{role}: {projection.method}{share}", xticks=[], yticks=[])
         if len(classes) <= 20 and len(rows) >= 4:
             handles = [plt.Line2D([], [], marker="o", linestyle="", color=scatter.cmap(scatter.norm(i)), label=name)
                        for i, name in enumerate(classes)]
